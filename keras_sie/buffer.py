@@ -1,0 +1,221 @@
+"""The device-resident accumulator: per-sample sums and visit counts.
+
+Everything here runs inside the compiled train step. The variables are
+`ON_READ`/`SUM` (the way Keras metrics hold per-replica state): under a
+distribution strategy each replica adds into its own copy with a raw resource
+scatter on the replica-local handle, and a cross-replica read sums the copies.
+Rows of different replicas are disjoint samples, so the sum is exact.
+
+Scatter ops drop out-of-range indices silently on GPU and under XLA, so ids are
+range-checked here: bad rows are masked out of the scatter and counted into a
+variable that the host reads once per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+# Per-feature sums are kept in a fixed-size vector so that the feature list can
+# be discovered while the step is traced (after the variables exist).
+MAX_FEATURE_GROUPS = 256
+
+_ON_READ = tf.VariableSynchronization.ON_READ
+_SUM = tf.VariableAggregation.SUM
+
+
+def _replica_variable(name: str, shape, dtype, initial=0) -> tf.Variable:
+    return tf.Variable(
+        tf.fill(shape, tf.constant(initial, dtype)) if shape else tf.constant(initial, dtype),
+        trainable=False,
+        name=name,
+        dtype=dtype,
+        synchronization=_ON_READ,
+        aggregation=_SUM,
+    )
+
+
+def _scatter_add(var: tf.Variable, indices: tf.Tensor, updates: tf.Tensor) -> None:
+    # Raw op on the (replica-local) handle: the high-level scatter methods of
+    # sync-on-read variables raise in replica context. Duplicates add up.
+    tf.raw_ops.ResourceScatterAdd(resource=var.handle, indices=indices, updates=updates)
+
+
+def _assign_add(var: tf.Variable, value: tf.Tensor) -> None:
+    tf.raw_ops.AssignAddVariableOp(resource=var.handle, value=tf.cast(value, var.dtype))
+
+
+def _read(var: tf.Variable) -> np.ndarray:
+    return np.asarray(var.read_value())
+
+
+def _local_values(var: tf.Variable) -> list[np.ndarray]:
+    strategy = tf.distribute.get_strategy()
+    try:
+        values = strategy.experimental_local_results(var)
+    except Exception:  # noqa: BLE001 - not a distributed variable
+        values = (var,)
+    return [np.asarray(v.read_value() if hasattr(v, "read_value") else v) for v in values]
+
+
+@dataclasses.dataclass
+class BufferSnapshot:
+    """What the host reads from the device once per epoch."""
+
+    sums: np.ndarray  # float32 [num_samples]: sum over visits of sum_j |g_ij|
+    visits: np.ndarray  # int32 [num_samples]
+    feature_sums: np.ndarray  # float64 [num_features]
+    invalid_rows: int  # rows whose id fell outside the buffer (index mode)
+    invalid_example: int | None  # one offending id, for the error message
+    nonfinite_rows: int  # rows with a NaN/Inf gradient, excluded
+    dropped_rows: int  # rows with a new key after capacity was reached (hash mode)
+    keys: np.ndarray | None  # original keys by slot (hash mode), else None
+
+
+class ImportanceBuffer:
+    """Per-sample importance accumulators on the device.
+
+    Args:
+        num_samples: Buffer length (index mode: ids 0..num_samples-1; hash
+            mode: the number of distinct keys it can hold).
+        key_mapping: `"index"` (ids are slots) or `"hash"` (arbitrary int64 or
+            string keys mapped to slots as they arrive).
+        key_dtype: `tf.int64` or `tf.string` for hash mode.
+    """
+
+    def __init__(self, num_samples: int, key_mapping: str = "index", key_dtype=tf.int64):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        self.num_samples = int(num_samples)
+        self.key_mapping = key_mapping
+        self.key_dtype = key_dtype
+        n = self.num_samples
+        self.sums = _replica_variable("sie_sums", [n], tf.float32)
+        self.visits = _replica_variable("sie_visits", [n], tf.int32)
+        self.feature_sums = _replica_variable("sie_feature_sums", [MAX_FEATURE_GROUPS], tf.float32)
+        self.invalid_rows = _replica_variable("sie_invalid_rows", [], tf.int64)
+        self.invalid_example = _replica_variable("sie_invalid_example", [], tf.int64)
+        self.nonfinite_rows = _replica_variable("sie_nonfinite_rows", [], tf.int64)
+        self.dropped_rows = _replica_variable("sie_dropped_rows", [], tf.int64)
+        self.table = None
+        if key_mapping == "hash":
+            # Keys persist across epochs (a slot keeps its key for the whole run).
+            self.table = tf.lookup.experimental.MutableHashTable(
+                key_dtype=key_dtype, value_dtype=tf.int64, default_value=-1
+            )
+            self.next_slot = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sie_next_slot")
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the per-sample buffers (excluding a hash table)."""
+        return self.num_samples * (4 + 4) + MAX_FEATURE_GROUPS * 4 + 4 * 8
+
+    # ----------------------------------------------------------------- in-step
+    def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
+        slots = self.table.lookup(keys)
+        new_keys, _ = tf.unique(tf.boolean_mask(keys, slots < 0))
+        n_new = tf.size(new_keys, out_type=tf.int64)
+        start = self.next_slot.read_value()
+        room = tf.maximum(tf.constant(self.num_samples, tf.int64) - start, 0)
+        n_take = tf.minimum(n_new, room)
+        self.table.insert(new_keys[:n_take], start + tf.range(n_take, dtype=tf.int64))
+        self.next_slot.assign_add(n_take)
+        with tf.control_dependencies([self.next_slot]):
+            return self.table.lookup(keys)
+
+    def accumulate(self, ids: tf.Tensor, per_feature_rows: Sequence[tf.Tensor], scale) -> None:
+        """Adds one batch. Runs inside the compiled step.
+
+        Args:
+            ids: [B] sample ids (index mode) or keys (hash mode).
+            per_feature_rows: one [B] float tensor per feature group:
+                sum over that group's elements of |d batch_loss / d x|.
+            scale: factor that turns a batch-loss gradient into the sample's
+                own-loss gradient (global batch size / loss scale).
+        """
+        ids = tf.reshape(ids, [-1])
+        if self.key_mapping == "hash":
+            slots = self._slots_for_keys(tf.cast(ids, self.key_dtype))
+            known = slots >= 0
+        else:
+            slots = tf.cast(ids, tf.int64)
+            known = tf.logical_and(slots >= 0, slots < self.num_samples)
+        rows = tf.stack([tf.cast(r, tf.float32) for r in per_feature_rows], axis=1)
+        rows = rows * tf.cast(scale, tf.float32)
+        total = tf.reduce_sum(rows, axis=1)
+        finite = tf.math.is_finite(total)
+        valid = tf.logical_and(known, finite)
+        safe_slots = tf.where(known, slots, tf.zeros_like(slots))
+        _scatter_add(self.sums, safe_slots, tf.where(valid, total, tf.zeros_like(total)))
+        _scatter_add(self.visits, safe_slots, tf.cast(valid, tf.int32))
+        clean_rows = tf.where(valid[:, None], rows, tf.zeros_like(rows))
+        per_feature = tf.reduce_sum(clean_rows, axis=0)
+        pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
+        _assign_add(self.feature_sums, tf.pad(per_feature, [[0, pad]]))
+        unknown = tf.logical_not(known)
+        n_unknown = tf.reduce_sum(tf.cast(unknown, tf.int64))
+        _assign_add(self.nonfinite_rows, tf.reduce_sum(tf.cast(tf.logical_and(known, ~finite), tf.int64)))
+        if self.key_mapping == "hash":
+            _assign_add(self.dropped_rows, n_unknown)
+        else:
+            _assign_add(self.invalid_rows, n_unknown)
+            # Remember one offending id (the first of this batch, if any).
+            first_bad = _first_masked(slots, unknown)
+            current = self.invalid_example.read_value()
+            tf.raw_ops.AssignVariableOp(
+                resource=self.invalid_example.handle,
+                value=tf.where(n_unknown > 0, first_bad, current),
+            )
+
+    # ------------------------------------------------------------------- host
+    def reset(self) -> None:
+        """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
+        for var in (self.sums, self.visits, self.feature_sums, self.invalid_rows,
+                    self.invalid_example, self.nonfinite_rows, self.dropped_rows):
+            var.assign(tf.zeros_like(var))
+
+    def read(self) -> BufferSnapshot:
+        """Reads everything once (sums the replicas)."""
+        invalid_per_replica = _local_values(self.invalid_rows)
+        example_per_replica = _local_values(self.invalid_example)
+        example = None
+        for count, value in zip(invalid_per_replica, example_per_replica):
+            if int(count) > 0:
+                example = int(value)
+                break
+        keys = None
+        if self.table is not None:
+            k, v = self.table.export()
+            k, v = k.numpy(), v.numpy()
+            order = np.argsort(v)
+            k = k[order]
+            if k.dtype == object:
+                k = np.array([s.decode("utf-8", "replace") for s in k], dtype=str)
+            keys = k
+        return BufferSnapshot(
+            sums=_read(self.sums).astype(np.float32),
+            visits=_read(self.visits).astype(np.int64),
+            feature_sums=_read(self.feature_sums).astype(np.float64),
+            invalid_rows=int(_read(self.invalid_rows)),
+            invalid_example=example,
+            nonfinite_rows=int(_read(self.nonfinite_rows)),
+            dropped_rows=int(_read(self.dropped_rows)),
+            keys=keys,
+        )
+
+    def restore_keys(self, keys: np.ndarray) -> None:
+        """Reloads the key→slot table (resume of a hash-mode run)."""
+        if self.table is None or keys is None or len(keys) == 0:
+            return
+        k = tf.constant(keys, dtype=self.key_dtype)
+        self.table.insert(k, tf.range(len(keys), dtype=tf.int64))
+        self.next_slot.assign(len(keys))
+
+
+def _first_masked(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """First element of `values` where `mask` is true (0 when none); XLA-safe."""
+    idx = tf.argmax(tf.cast(mask, tf.int32), output_type=tf.int32)
+    return tf.gather(values, idx)

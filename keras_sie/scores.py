@@ -1,0 +1,110 @@
+"""From accumulated gradient sums to normalized importance and its summaries.
+
+Pure numpy, usable without `fit`: the method's math lives here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalize(sums: np.ndarray, visits: np.ndarray) -> np.ndarray:
+    """I_i = S_i / sum_k S_k, with S_i the mean per visit of sum_j |dJ_i/dX_ij|.
+
+    Args:
+        sums: [N] accumulated sum_j |g_ij| over the epoch's visits.
+        visits: [N] number of visits of each sample in the epoch.
+
+    Returns:
+        float64 [N] importance summing to 1 over visited samples (all zeros if
+        nothing was visited or every gradient was zero); unvisited samples get 0.
+
+    Example:
+
+    >>> normalize(np.array([2.0, 1.0, 0.0]), np.array([2, 1, 0]))
+    array([0.5, 0.5, 0. ])
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    visits = np.asarray(visits)
+    per_visit = np.divide(sums, visits, out=np.zeros_like(sums), where=visits > 0)
+    total = per_visit.sum()
+    if not np.isfinite(total) or total <= 0:
+        return np.zeros_like(per_visit)
+    return per_visit / total
+
+
+def gini(p: np.ndarray) -> float:
+    """Gini coefficient of a non-negative vector (0 = equal, ->1 = concentrated)."""
+    p = np.sort(np.asarray(p, dtype=np.float64))
+    n = p.size
+    total = p.sum()
+    if n == 0 or total <= 0:
+        return 0.0
+    ranks = np.arange(1, n + 1)
+    return float((2.0 * np.sum(ranks * p) / (n * total)) - (n + 1.0) / n)
+
+
+def top_share(p: np.ndarray, fraction: float = 0.01) -> float:
+    """Share of the total held by the top `fraction` of samples (at least one)."""
+    p = np.asarray(p, dtype=np.float64)
+    total = p.sum()
+    if p.size == 0 or total <= 0:
+        return 0.0
+    k = max(1, int(np.ceil(fraction * p.size)))
+    top = np.partition(p, p.size - k)[p.size - k:]
+    return float(top.sum() / total)
+
+
+def effective_sample_size(p: np.ndarray) -> float:
+    """1 / sum p_i^2 for the normalized importance (N when uniform)."""
+    p = np.asarray(p, dtype=np.float64)
+    total = p.sum()
+    if total <= 0:
+        return 0.0
+    q = p / total
+    return float(1.0 / np.sum(q * q))
+
+
+def entropy(p: np.ndarray) -> float:
+    """Shannon entropy in nats of the normalized importance (ln N when uniform)."""
+    p = np.asarray(p, dtype=np.float64)
+    total = p.sum()
+    if total <= 0:
+        return 0.0
+    q = p[p > 0] / total
+    return float(-np.sum(q * np.log(q)))
+
+
+def summarize(importance: np.ndarray, visits: np.ndarray) -> dict[str, float]:
+    """Summary scalars over the visited samples of one epoch."""
+    visited = np.asarray(visits) > 0
+    p = np.asarray(importance)[visited]
+    return {
+        "gini": gini(p),
+        "top1pct_share": top_share(p, 0.01),
+        "effective_sample_size": effective_sample_size(p),
+        "entropy": entropy(p),
+        "visited_samples": float(visited.sum()),
+        "unvisited_samples": float((~visited).sum()),
+    }
+
+
+def top_k_indices(importance: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Indices of the k largest (or smallest) scores, best first; O(N) selection."""
+    importance = np.asarray(importance)
+    k = int(min(max(k, 0), importance.size))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    key = -importance if largest else importance
+    part = np.argpartition(key, k - 1)[:k]
+    # Stable order: by score, then by index.
+    return part[np.lexsort((part, key[part]))].astype(np.int64)
+
+
+def aggregate(per_epoch: list[np.ndarray]) -> np.ndarray:
+    """Cross-epoch aggregate: the mean of the per-epoch importances, renormalized."""
+    if not per_epoch:
+        return np.zeros(0)
+    mean = np.mean(np.stack(per_epoch), axis=0)
+    total = mean.sum()
+    return mean / total if total > 0 else mean
