@@ -115,7 +115,7 @@ class ImportanceBuffer:
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
-        slots = self.table.lookup(keys)
+        slots = tf.reshape(self.table.lookup(keys), [-1])
         new_keys, _ = tf.unique(tf.boolean_mask(keys, slots < 0))
         n_new = tf.size(new_keys, out_type=tf.int64)
         start = self.next_slot.read_value()
@@ -124,7 +124,7 @@ class ImportanceBuffer:
         self.table.insert(new_keys[:n_take], start + tf.range(n_take, dtype=tf.int64))
         self.next_slot.assign_add(n_take)
         with tf.control_dependencies([self.next_slot]):
-            return self.table.lookup(keys)
+            return tf.reshape(self.table.lookup(keys), [-1])
 
     def accumulate(self, ids: tf.Tensor, per_feature_rows: Sequence[tf.Tensor], scale) -> None:
         """Adds one batch. Runs inside the compiled step.

@@ -24,6 +24,7 @@ from keras_sie import ids as ids_lib
 from keras_sie import scores as scores_lib
 from keras_sie import storage
 from keras_sie.buffer import ImportanceBuffer
+from keras_sie.datamap import render_data_map
 from keras_sie.step_hook import StepHook
 from keras_sie.summaries import SummaryWriter
 
@@ -113,6 +114,10 @@ class SampleImportance(keras.callbacks.Callback):
         save_arrays: Write each epoch's arrays to `log_dir`. Defaults to True.
         strict: Re-raise faults in the callback's own reporting instead of
             warning once and disabling reporting. Defaults to False.
+        data_map: Log an `importance/data_map` image per epoch (mean
+            importance against its variability across epochs; needs
+            matplotlib, skipped with a one-line notice without it).
+            Defaults to True.
         verbose: 0 = silent, 1 = one line at the end of training saying where
             the run is. Defaults to 1.
 
@@ -139,6 +144,7 @@ class SampleImportance(keras.callbacks.Callback):
         save_arrays: bool = True,
         strict: bool = False,
         verbose: int = 1,
+        data_map: bool = True,
     ):
         super().__init__()
         if key_mapping not in _KEY_MAPPINGS:
@@ -167,6 +173,7 @@ class SampleImportance(keras.callbacks.Callback):
         self.save_arrays = save_arrays
         self.strict = strict
         self.verbose = verbose
+        self.data_map = bool(data_map)
 
         self._hook = StepHook(id_key, features, lambda: self._buffer)
         self._buffer: ImportanceBuffer | None = None
@@ -280,8 +287,6 @@ class SampleImportance(keras.callbacks.Callback):
                 self._buffer = ImportanceBuffer(
                     self.num_samples, self._resolved_mapping, self._key_dtype
                 )
-            if self._resolved_mapping == "hash" and tf.distribute.has_strategy() is False:
-                pass
         if self._resolved_mapping == "hash" and self.model.distribute_strategy.num_replicas_in_sync > 1:
             raise NotImplementedError(
                 "key_mapping='hash' is not supported with more than one replica (the key table "
@@ -563,4 +568,24 @@ class SampleImportance(keras.callbacks.Callback):
             faults=self._faults,
             top_rows=rows,
             feature_shares=self._feature_importance,
+            images=self._data_map_images(record, snap.visits),
         )
+
+    def _data_map_images(self, record: int, visits: np.ndarray) -> dict[str, np.ndarray]:
+        """The epoch's data map image; a drawing failure only turns the image off."""
+        if not self.data_map:
+            return {}
+        try:
+            image = render_data_map(self._history, visits, record)
+        except Exception as e:  # a picture must not stop the scores
+            if self.strict:
+                raise
+            self.data_map = False
+            warnings.warn(
+                f"keras_sie: drawing the data map failed ({type(e).__name__}: {e}); "
+                "it is turned off for this run. The scores are unaffected.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return {}
+        return {} if image is None else {"importance/data_map": image}

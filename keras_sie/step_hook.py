@@ -220,27 +220,6 @@ class StepHook:
         model = self.model
         return type(model).test_step(model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
 
-    def _select(self, names: list[str], leaves: list, captured: list) -> tuple[list, list]:
-        """Which float inputs to watch / which captured embeddings to keep."""
-        wanted = self.features
-        float_inputs = []
-        for name, leaf in zip(names, leaves):
-            if wanted is not None and name not in wanted:
-                continue
-            if leaf is None:
-                continue
-            if _is_float(leaf):
-                float_inputs.append((name, leaf))
-            elif wanted is not None:
-                consumers = functional_input_consumers(self.model) or {}
-                if not consumers.get(name):
-                    raise ValueError(
-                        f"Feature {name!r} has dtype {leaf.dtype.name} and no Embedding layer "
-                        "consumes it, so it has no gradient. Remove it from `features=`, or "
-                        "list the Embedding layer that looks it up."
-                    )
-        return float_inputs, captured
-
     def _validate_default_inputs(self, names: list[str], leaves: list) -> None:
         if self.features is not None:
             return
