@@ -14,7 +14,7 @@ variable that the host reads once per epoch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -73,6 +73,7 @@ class BufferSnapshot:
     nonfinite_rows: int  # rows with a NaN/Inf gradient, excluded
     dropped_rows: int  # rows with a new key after capacity was reached (hash mode)
     keys: np.ndarray | None  # original keys by slot (hash mode), else None
+    task_sums: np.ndarray | None = None  # float32 [num_samples, num_tasks] (multi-output)
 
 
 class ImportanceBuffer:
@@ -86,7 +87,9 @@ class ImportanceBuffer:
         key_dtype: `tf.int64` or `tf.string` for hash mode.
     """
 
-    def __init__(self, num_samples: int, key_mapping: str = "index", key_dtype=tf.int64):
+    def __init__(
+        self, num_samples: int, key_mapping: str = "index", key_dtype=tf.int64, num_tasks: int = 0
+    ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         self.num_samples = int(num_samples)
@@ -100,6 +103,12 @@ class ImportanceBuffer:
         self.invalid_example = _replica_variable("sie_invalid_example", [], tf.int64)
         self.nonfinite_rows = _replica_variable("sie_nonfinite_rows", [], tf.int64)
         self.dropped_rows = _replica_variable("sie_dropped_rows", [], tf.int64)
+        # Per-output (task) sums of multi-output models: [num_samples, num_tasks].
+        self.num_tasks = int(num_tasks)
+        self.task_sums = (
+            _replica_variable("sie_task_sums", [n, self.num_tasks], tf.float32)
+            if self.num_tasks else None
+        )
         self.table = None
         if key_mapping == "hash":
             # Keys persist across epochs (a slot keeps its key for the whole run).
@@ -111,7 +120,7 @@ class ImportanceBuffer:
     @property
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
-        return self.num_samples * (4 + 4) + MAX_FEATURE_GROUPS * 4 + 4 * 8
+        return self.num_samples * (4 + 4 + 4 * self.num_tasks) + MAX_FEATURE_GROUPS * 4 + 4 * 8
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
@@ -126,7 +135,13 @@ class ImportanceBuffer:
         with tf.control_dependencies([self.next_slot]):
             return tf.reshape(self.table.lookup(keys), [-1])
 
-    def accumulate(self, ids: tf.Tensor, per_feature_rows: Sequence[tf.Tensor], scale) -> None:
+    def accumulate(
+        self,
+        ids: tf.Tensor,
+        per_feature_rows: Sequence[tf.Tensor],
+        scale,
+        per_task_rows: Sequence[tf.Tensor] | None = None,
+    ) -> None:
         """Adds one batch. Runs inside the compiled step.
 
         Args:
@@ -151,6 +166,11 @@ class ImportanceBuffer:
         safe_slots = tf.where(known, slots, tf.zeros_like(slots))
         _scatter_add(self.sums, safe_slots, tf.where(valid, total, tf.zeros_like(total)))
         _scatter_add(self.visits, safe_slots, tf.cast(valid, tf.int32))
+        if self.task_sums is not None and per_task_rows:
+            tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
+            tasks = tasks * tf.cast(scale, tf.float32)
+            tasks = tf.where(valid[:, None], tasks, tf.zeros_like(tasks))
+            _scatter_add(self.task_sums, safe_slots, tasks)
         clean_rows = tf.where(valid[:, None], rows, tf.zeros_like(rows))
         per_feature = tf.reduce_sum(clean_rows, axis=0)
         pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
@@ -174,7 +194,10 @@ class ImportanceBuffer:
     def reset(self) -> None:
         """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
         for var in (self.sums, self.visits, self.feature_sums, self.invalid_rows,
-                    self.invalid_example, self.nonfinite_rows, self.dropped_rows):
+                    self.invalid_example, self.nonfinite_rows, self.dropped_rows,
+                    self.task_sums):
+            if var is None:
+                continue
             var.assign(tf.zeros_like(var))
 
     def read(self) -> BufferSnapshot:
@@ -204,6 +227,8 @@ class ImportanceBuffer:
             nonfinite_rows=int(_read(self.nonfinite_rows)),
             dropped_rows=int(_read(self.dropped_rows)),
             keys=keys,
+            task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
+            else None,
         )
 
     def restore_keys(self, keys: np.ndarray) -> None:
@@ -217,5 +242,8 @@ class ImportanceBuffer:
 
 def _first_masked(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """First element of `values` where `mask` is true (0 when none); XLA-safe."""
-    idx = tf.argmax(tf.cast(mask, tf.int32), output_type=tf.int32)
-    return tf.gather(values, idx)
+    # A trailing sentinel keeps argmax defined on an empty batch: under a
+    # distribution strategy a short last batch can leave a replica no rows.
+    flags = tf.concat([tf.cast(mask, tf.int32), tf.ones([1], tf.int32)], axis=0)
+    padded = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
+    return tf.gather(padded, tf.argmax(flags, output_type=tf.int32))

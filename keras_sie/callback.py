@@ -14,7 +14,8 @@ import inspect
 import os
 import shutil
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -51,6 +52,29 @@ def _fit_arguments(model: keras.Model) -> dict[str, Any] | None:
     finally:
         del frame
     return None
+
+
+_SUPPORTED_STRATEGIES = (
+    tf.distribute.OneDeviceStrategy,
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+)
+
+
+def _check_strategy(model: keras.Model) -> None:
+    """Fails before training under a strategy the buffer was not built for."""
+    strategy = model.distribute_strategy
+    if isinstance(strategy, _SUPPORTED_STRATEGIES):
+        return
+    if type(strategy).__name__ == "_DefaultDistributionStrategy":  # no strategy
+        return
+    raise NotImplementedError(
+        f"SampleImportance does not support {type(strategy).__name__}. Supported: no "
+        "strategy (one device), OneDeviceStrategy, MirroredStrategy (several GPUs or "
+        "CPUs of one machine) and MultiWorkerMirroredStrategy (several machines). "
+        "(Keras 3's `model.fit` has no ParameterServerStrategy support either.) Train "
+        "under one of these, or remove the callback."
+    )
 
 
 def _is_chief(model: keras.Model) -> bool:
@@ -112,6 +136,11 @@ class SampleImportance(keras.callbacks.Callback):
             `0..num_samples-1`, or `"skip"` to leave such rows out, count them
             and log the count. Defaults to `"raise"`.
         save_arrays: Write each epoch's arrays to `log_dir`. Defaults to True.
+        per_task: Keep one score per output of a multi-output model (each
+            output's share of the total loss, `loss_weights` included), at the
+            cost of one extra input-only backward pass per output. `None`
+            turns it on for models with more than one output. Defaults to
+            `None`.
         strict: Re-raise faults in the callback's own reporting instead of
             warning once and disabling reporting. Defaults to False.
         data_map: Log an `importance/data_map` image per epoch (mean
@@ -142,6 +171,7 @@ class SampleImportance(keras.callbacks.Callback):
         key_mapping: str = "auto",
         on_invalid_id: str = "raise",
         save_arrays: bool = True,
+        per_task: bool | None = None,
         strict: bool = False,
         verbose: int = 1,
         data_map: bool = True,
@@ -171,6 +201,8 @@ class SampleImportance(keras.callbacks.Callback):
         self.key_mapping = key_mapping
         self.on_invalid_id = on_invalid_id
         self.save_arrays = save_arrays
+        self.per_task = per_task
+        self._task_history: dict[int, dict[str, np.ndarray]] = {}
         self.strict = strict
         self.verbose = verbose
         self.data_map = bool(data_map)
@@ -237,6 +269,17 @@ class SampleImportance(keras.callbacks.Callback):
         """Latest epoch's summary scalars (gini, top1pct_share, ...)."""
         return dict(self._summary)
 
+    @property
+    def task_importance(self) -> dict[str, np.ndarray]:
+        """Latest epoch's importance per output of a multi-output model ({} otherwise).
+
+        Each output's scores are normalized like `importance`; `importance`
+        itself stays the score of the total loss.
+        """
+        if not self._task_history:
+            return {}
+        return dict(self._task_history[max(self._task_history)])
+
     def top_k(self, k: int = 10, largest: bool = True, epoch: int | None = None) -> list[tuple]:
         """The k most (or least) important visited samples.
 
@@ -266,7 +309,10 @@ class SampleImportance(keras.callbacks.Callback):
         self._in_fit = fit_args is not None
         if not self._in_fit:
             return
+        _check_strategy(model)
         self._configure_from_data(fit_args)
+        self._hook.num_tasks = self._count_tasks(model, fit_args)
+        self._warn_if_samples_are_coupled(model)
         self._hook.install(model)
 
     def on_train_begin(self, logs=None) -> None:
@@ -281,11 +327,13 @@ class SampleImportance(keras.callbacks.Callback):
             self._buffer is None
             or self._buffer.num_samples != self.num_samples
             or self._buffer.key_mapping != self._resolved_mapping
+            or self._buffer.num_tasks != self._hook.num_tasks
         )
         if need_new:
             with self.model.distribute_strategy.scope():
                 self._buffer = ImportanceBuffer(
-                    self.num_samples, self._resolved_mapping, self._key_dtype
+                    self.num_samples, self._resolved_mapping, self._key_dtype,
+                    num_tasks=self._hook.num_tasks,
                 )
         if self._resolved_mapping == "hash" and self.model.distribute_strategy.num_replicas_in_sync > 1:
             raise NotImplementedError(
@@ -309,7 +357,7 @@ class SampleImportance(keras.callbacks.Callback):
             return
         snap = self._buffer.read()
         # Configuration/data errors: always raised, never swallowed.
-        if not self._hook.traced:
+        if not self._hook.fused and not self._hook.traced:
             raise RuntimeError(
                 "SampleImportance recorded nothing this epoch: the model overrides "
                 "`train_step`, so the fused step could not be installed. Call "
@@ -328,7 +376,7 @@ class SampleImportance(keras.callbacks.Callback):
             return
         try:
             self._report(self._epoch_offset + epoch, snap, logs)
-        except Exception as e:  # noqa: BLE001 - fail open by design
+        except Exception as e:
             if self.strict:
                 raise
             self._reporting_disabled = True
@@ -346,10 +394,7 @@ class SampleImportance(keras.callbacks.Callback):
         self._hook.uninstall()
         self._in_fit = False
         if self._writer is not None:
-            try:
-                self._writer.writer.flush() if self._writer._writer is not None else None
-            except Exception:  # noqa: BLE001
-                pass
+            self._writer.close()  # flushes; a later fit reopens lazily
         if self.verbose and self.log_dir and self._history and self._is_chief:
             print(
                 f"keras_sie: {len(self._history)} epoch(s) of sample importance in "
@@ -436,6 +481,48 @@ class SampleImportance(keras.callbacks.Callback):
                 "num_samples=<number of distinct sample ids>."
             )
 
+    def _warn_if_samples_are_coupled(self, model: keras.Model) -> None:
+        """Per-sample exactness needs samples that do not interact within a batch."""
+        coupled = [
+            layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        ]
+        if coupled and not getattr(self, "_warned_coupled", False):
+            self._warned_coupled = True
+            warnings.warn(
+                f"keras_sie: BatchNormalization in training mode ({', '.join(coupled[:3])}) "
+                "couples the samples of a batch (each output depends on the batch mean and "
+                "variance). Scores are then row i of d(batch loss)/d(inputs): sample i's "
+                "input gradient including its effect on the batch statistics, not the "
+                "gradient of its own loss alone. Rankings are usually close, but not exact; "
+                "freeze the BatchNormalization layers (trainable=False) for exact scores.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _count_tasks(self, model: keras.Model, fit_args: dict[str, Any]) -> int:
+        """Number of outputs to score separately (0 = total loss only)."""
+        if self.per_task is False:
+            return 0
+        n = 0
+        try:
+            n = len(model.outputs or [])
+        except (AttributeError, ValueError):
+            n = 0
+        if n == 0:  # subclassed: the targets tell how many outputs there are
+            y = fit_args.get("y")
+            x = fit_args.get("x")
+            if y is None and isinstance(x, tf.data.Dataset):
+                spec = x.element_spec
+                y = spec[1] if isinstance(spec, tuple) and len(spec) >= 2 else None
+            n = len(tf.nest.flatten(y)) if y is not None else 0
+        if n <= 1:
+            if self.per_task:
+                warnings.warn("per_task=True: the model has a single output; nothing to split.",
+                              stacklevel=3)
+            return 0
+        return n
+
     def _raise_no_ids(self, val_has_ids: bool) -> None:
         where = (
             "The validation data carries ids but the training data does not: ids are "
@@ -497,6 +584,12 @@ class SampleImportance(keras.callbacks.Callback):
             n: (float(s) / total if total > 0 else 0.0) for n, s in zip(names, fsums)
         }
         self._summary = scores_lib.summarize(importance, snap.visits)
+        task_scores: dict[str, np.ndarray] = {}
+        if snap.task_sums is not None and self._hook.task_names:
+            for k, name in enumerate(self._hook.task_names):
+                task_scores[name] = scores_lib.normalize(
+                    snap.task_sums[:, k], snap.visits).astype(np.float32)
+            self._task_history[record] = task_scores
         self._faults = {
             "nonfinite_rows": snap.nonfinite_rows,
             "invalid_id_rows": snap.invalid_rows,
@@ -544,6 +637,9 @@ class SampleImportance(keras.callbacks.Callback):
             }
             if snap.keys is not None:
                 arrays["keys"] = snap.keys
+            if task_scores:
+                arrays["task_names"] = np.array(list(task_scores), dtype=str)
+                arrays["task_importance"] = np.stack(list(task_scores.values()), axis=1)
             storage.write_epoch(self.log_dir, record, arrays)
             storage.write_manifest(
                 self.log_dir,
@@ -570,6 +666,8 @@ class SampleImportance(keras.callbacks.Callback):
             feature_shares=self._feature_importance,
             images=self._data_map_images(record, snap.visits),
         )
+        if task_scores:
+            self._writer.write_tasks(record, task_scores, snap.visits)
 
     def _data_map_images(self, record: int, visits: np.ndarray) -> dict[str, np.ndarray]:
         """The epoch's data map image; a drawing failure only turns the image off."""

@@ -131,8 +131,8 @@ def render_data_map(
     epoch: int,
     loss: np.ndarray | None = None,
     max_points: int = MAX_POINTS,
-    width: int = 720,
-    height: int = 540,
+    width: int = 640,
+    height: int = 480,
 ) -> np.ndarray | None:
     """Draws the data map of one epoch as an RGB image.
 
@@ -152,8 +152,8 @@ def render_data_map(
             Defaults to None.
         max_points: Most points drawn; larger runs are subsampled uniformly
             with a fixed seed. Defaults to 20,000.
-        width: Image width in pixels. Defaults to 720.
-        height: Image height in pixels. Defaults to 540.
+        width: Image width in pixels. Defaults to 640.
+        height: Image height in pixels. Defaults to 480.
 
     Returns:
         A `[height, width, 3]` uint8 array, or None when matplotlib is not
@@ -168,6 +168,7 @@ def render_data_map(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         _notice_missing_matplotlib()
         return None
@@ -176,36 +177,50 @@ def render_data_map(
     n_epochs = len(c["epochs"])
     if loss is None:
         x, y = c["mean"], c["cv"]
-        xlabel = f"mean relative importance over {n_epochs} epoch(s)  (N·I, 1 = uniform share)"
-        ylabel = "variability across epochs  (std / mean of N·I)"
+        first = int(c["epochs"][0])
+        span = f"epochs {first}-{epoch}" if n_epochs > 1 else f"epoch {epoch}"
+        xlabel = f"mean N·I over {span}  (1 = uniform share)"
+        ylabel = "variability across epochs  (std / mean)"
     else:
         loss = np.asarray(loss, dtype=np.float64)
         x, y = c["latest"], loss[c["index"]]
-        xlabel = f"relative importance in epoch {epoch}  (N·I, 1 = uniform share)"
+        xlabel = f"N·I in epoch {epoch}  (1 = uniform share)"
         ylabel = "per-sample loss"
 
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    # Fixed margins instead of tight_layout (which costs a second full draw).
+    ax = fig.add_axes((0.11, 0.12, 0.74, 0.8))
+    cax = fig.add_axes((0.87, 0.12, 0.025, 0.8))
     if x.size:
         points = ax.scatter(
-            x, y, c=c["top_fraction"], s=6, alpha=0.6, linewidths=0,
+            x, y, c=c["top_fraction"], s=8, alpha=0.6, linewidths=0,
             cmap="viridis", vmin=0.0, vmax=1.0, rasterized=True,
         )
         ax.set_xscale("log")
-        cbar = fig.colorbar(points, ax=ax)
-        cbar.set_label("fraction of epochs in that epoch's top 10 %")
+        # Plain tick labels (0.1, 1, 10; minor ones too when less than a decade
+        # is shown): no mathtext, which is slow to lay out.
+        def minor(v, _):
+            lo, hi = ax.get_xlim()
+            return f"{v:g}" if hi < 10 * lo else ""
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+        cbar = fig.colorbar(points, cax=cax)
+        cbar.set_label("share of epochs in the top 10 %", fontsize=12)
+    else:
+        cax.set_axis_off()
     ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    shown = f"{x.size:,} of {c['n_visited']:,} visited samples"
-    ax.set_title(f"keras_sie data map, epoch {epoch}  ({shown})", fontsize=11)
+    ax.set_xlabel(xlabel, fontsize=12)
+    ax.set_ylabel(ylabel, fontsize=12)
+    ax.tick_params(labelsize=11)
+    shown = f"{x.size:,} of {c['n_visited']:,} samples"
+    ax.set_title(f"data map, epoch {epoch}: {shown}", fontsize=13)
     if loss is None and n_epochs < 2:
         ax.text(0.02, 0.95, "variability needs 2+ epochs", transform=ax.transAxes,
-                va="top", fontsize=9, color="0.3")
+                va="top", fontsize=11, color="0.3")
     ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     return image

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -99,12 +100,18 @@ class _EmbeddingCapture:
     @contextlib.contextmanager
     def active(self):
         patched = []
+        # Unbuilt (subclassed) models build their layers with a symbolic call
+        # in a scratch graph during this forward pass: keep only the tensors
+        # of the step's own graph.
+        step_graph = tf.compat.v1.get_default_graph()
         try:
             for layer in self.layers:
                 original = layer.call
 
                 def wrapped(inputs, *args, __layer=layer, __call=original, **kwargs):
                     out = __call(inputs, *args, **kwargs)
+                    if not tf.is_tensor(out) or tf.compat.v1.get_default_graph() is not step_graph:
+                        return out
                     mask = None
                     if getattr(__layer, "mask_zero", False):
                         mask = tf.not_equal(inputs, 0)
@@ -184,6 +191,8 @@ class StepHook:
         self.model: keras.Model | None = None
         self.traced = False
         self.fused = True
+        self.num_tasks = 0  # set by the callback: >1 keeps per-output scores
+        self.task_names: list[str] = []
 
     # -------------------------------------------------------------- install
     def install(self, model: keras.Model) -> None:
@@ -279,8 +288,10 @@ class StepHook:
             or _embedding_listed_via_input(self.features, layer.name, model)
         ]
         capture = _EmbeddingCapture(capture_layers)
-
-        with tf.GradientTape() as tape:
+        # Per-task scores need one more (input-only) backward pass per output,
+        # so the tape must outlive the first gradient call.
+        per_task = self.num_tasks > 1
+        with tf.GradientTape(persistent=per_task) as tape:
             for _, leaf in watch_candidates:
                 tape.watch(leaf)
             with capture.active():
@@ -297,6 +308,9 @@ class StepHook:
             )
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
+            task_losses = (
+                _per_output_losses(model, y, y_pred, sample_weight) if per_task else None
+            )
 
         # The loss scale this step used (read before apply_gradients changes it).
         loss_scale = 1.0
@@ -307,10 +321,26 @@ class StepHook:
         input_sources = [leaf for _, leaf in watch_candidates]
         emb_sources = [out for _, out, _ in capture.records]
         gradients = tape.gradient(loss, list(trainable) + input_sources + emb_sources)
-        weight_grads = gradients[: len(trainable)]
-        input_grads = gradients[len(trainable):]
+        n_w = len(trainable)
+        weight_grads = gradients[:n_w]
+        input_grads = gradients[n_w:]
 
-        self._accumulate(buffer, ids, watch_candidates, capture.records, input_grads, loss_scale)
+        task_rows = None
+        if task_losses:
+            # One input-only backward pass per output: its weighted loss's share.
+            task_rows = []
+            self.task_names = [name for name, _ in task_losses]
+            for _, task_loss in task_losses:
+                if model.optimizer is not None:
+                    task_loss = model.optimizer.scale_loss(task_loss)
+                g = tape.gradient(task_loss, input_sources + emb_sources)
+                rows = self._group_rows(watch_candidates, capture.records, g)[1]
+                task_rows.append(tf.add_n(list(rows.values())))
+        if per_task:
+            del tape
+        self._accumulate(
+            buffer, ids, watch_candidates, capture.records, input_grads, loss_scale, task_rows
+        )
 
         if trainable:
             model.optimizer.apply_gradients(zip(weight_grads, trainable))
@@ -319,7 +349,8 @@ class StepHook:
         self.traced = True
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _accumulate(self, buffer, ids, watched, records, grads, loss_scale) -> None:
+    def _group_rows(self, watched, records, grads) -> tuple[list[str], dict[str, tf.Tensor]]:
+        """[B] row sums of |gradient| per feature group (float input / Embedding)."""
         groups: dict[str, tf.Tensor] = {}
         order: list[str] = []
 
@@ -346,6 +377,10 @@ class StepHook:
             if isinstance(g, tf.IndexedSlices):
                 g = tf.convert_to_tensor(g)
             add(layer_name, _row_abs_sum(g, mask))
+        return order, groups
+
+    def _accumulate(self, buffer, ids, watched, records, grads, loss_scale, task_rows=None):
+        order, groups = self._group_rows(watched, records, grads)
         if not order:
             raise ValueError(
                 "SampleImportance found nothing to score: the model has no float input and "
@@ -360,7 +395,51 @@ class StepHook:
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         local_batch = tf.shape(tf.reshape(ids, [-1]))[0]
         scale = tf.cast(local_batch * replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
-        buffer.accumulate(ids, [groups[n] for n in order], scale)
+        buffer.accumulate(ids, [groups[n] for n in order], scale, task_rows)
+
+
+def _per_output_losses(model, y, y_pred, sample_weight) -> list[tuple[str, tf.Tensor]] | None:
+    """[(output name, loss_weight * that output's batch loss)] of a multi-output model.
+
+    Computed with the compiled per-output loss functions (the same ones Keras
+    sums), not through `compute_loss`, which would update the per-output loss
+    metrics a second time. Returns None (per-task scores off, with a warning)
+    for target structures this does not recognise.
+    """
+    from keras.src import tree
+    from keras.src.losses import loss as loss_module
+
+    compile_loss = getattr(model, "_compile_loss", None)
+    flat_losses = getattr(compile_loss, "_flat_losses", None)
+    if not flat_losses:
+        return None
+    try:
+        if isinstance(y_pred, dict) and isinstance(y, (list, tuple)):
+            y = dict(zip(compile_loss.output_names, y))
+        elif isinstance(y_pred, (list, tuple)) and isinstance(y, dict):
+            y = [y[name] for name in compile_loss.output_names]
+        out = []
+        for path, loss_fn, loss_weight, _ in flat_losses:
+            y_t, y_p = y, y_pred
+            for key in path:
+                y_t, y_p = y_t[key], y_p[key]
+            sw = sample_weight
+            if sample_weight is not None and tree.is_nested(sample_weight):
+                for key in path:
+                    sw = sw[key]
+            value = tf.cast(loss_fn(y_t, y_p, sw), tf.float32)
+            if loss_weight is not None:
+                value = value * loss_weight
+            name = path[-1] if path and isinstance(path[-1], str) else None
+            if name is None:
+                names = list(getattr(model, "output_names", None) or [])
+                index = path[-1] if path and isinstance(path[-1], int) else len(out)
+                name = names[index] if index < len(names) else f"output_{index}"
+            out.append((str(name), loss_module.scale_loss_for_distribution(value)))
+        return out
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        warnings.warn(f"keras_sie: per-task scores are off for this model ({e}).", stacklevel=2)
+        return None
 
 
 def _embedding_listed_via_input(features, layer_name, model) -> bool:
@@ -415,3 +494,65 @@ def record(model: keras.Model, sample_ids, input_gradients, loss_scale=1.0) -> N
     scale = tf.cast(local_batch * replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
     buffer.accumulate(sample_ids, [_row_abs_sum(g) for g in leaves], scale)
     hook.traced = True
+
+
+def prepare_distributed(model: keras.Model, id_key: str = ids_lib.DEFAULT_ID_KEY) -> keras.Model:
+    """Lets `fit` start with id-carrying inputs on a model made under a strategy.
+
+    For a model created in a `tf.distribute` strategy's scope, Keras 3 builds
+    the model, loss and metric state from the first batch before any callback
+    runs. That batch still holds the sample id (a model that does not expect
+    it then stops with "The structure of `inputs` doesn't match" or "Missing
+    data for input"), and under `MultiWorkerMirroredStrategy` with several
+    workers Keras 3.15 stops there anyway ("Attempt to convert a value
+    (PerReplica...)"), because it all-reduces the whole batch. This replaces
+    that step, for this model only, with one that builds from this worker's
+    first replica's batch with the id removed: only shapes and dtypes are
+    used, nothing is computed or exchanged. Call it once after `compile`; it
+    is harmless for inputs without ids and without a strategy.
+
+    Args:
+        model: A compiled Keras model.
+        id_key: Name of the id entry. Must match `SampleImportance(id_key=...)`.
+            Defaults to `"sample_id"`.
+
+    Returns:
+        The same model.
+
+    Example:
+
+    ```python
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = make_model()
+        model.compile("adam", "mse")
+    keras_sie.prepare_distributed(model)
+    model.fit(keras_sie.with_ids(x), y, callbacks=[keras_sie.SampleImportance()])
+    ```
+    """
+    check_keras_supported(model)
+
+    def _maybe_symbolic_build(iterator=None, data_batch=None):
+        strategy = getattr(model, "_distribute_strategy", None)
+        if strategy is None:
+            return  # as Keras: without a strategy the build happens when tracing
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = next(it)
+                break
+        if data_batch is None:
+            return
+
+        def local(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        data_batch = tf.nest.map_structure(local, data_batch)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+        x, _ = ids_lib.split_ids(x, id_key)
+        with strategy.scope():
+            model._symbolic_build(data_batch=(x, y, sample_weight))
+
+    object.__setattr__(model, "_maybe_symbolic_build", _maybe_symbolic_build)
+    return model

@@ -1,8 +1,8 @@
 """Categorical inputs, arbitrary sample keys, per-feature importance, mixed precision."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import keras_sie
@@ -48,9 +48,9 @@ def _oracle(model, x, y):
         xi = {k: tf.constant(v[i:i + 1]) for k, v in x.items()}
         captured = {}
         for name, layer in layers.items():
-            def call(inputs, *a, __orig=layer.call, __name=name, **k):
+            def call(inputs, *a, __orig=layer.call, __name=name, __cap=captured, **k):
                 out = __orig(inputs, *a, **k)
-                captured[__name] = out
+                __cap[__name] = out
                 return out
             object.__setattr__(layer, "call", call)
         try:

@@ -1,12 +1,12 @@
 """Core behaviour of SampleImportance, checked against exact oracles."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
+from conftest import linear_model, linear_oracle, linear_problem
 
 import keras_sie
-from conftest import linear_model, linear_oracle, linear_problem
 
 
 def _fit(model, x, y, sie, **kw):
