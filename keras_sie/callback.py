@@ -14,6 +14,7 @@ import inspect
 import os
 import shutil
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,12 +144,12 @@ class SampleImportance(keras.callbacks.Callback):
             `None`.
         strict: Re-raise faults in the callback's own reporting instead of
             warning once and disabling reporting. Defaults to False.
+        verbose: 0 = silent, 1 = one line at the end of training saying where
+            the run is. Defaults to 1.
         data_map: Log an `importance/data_map` image per epoch (mean
             importance against its variability across epochs; needs
             matplotlib, skipped with a one-line notice without it).
             Defaults to True.
-        verbose: 0 = silent, 1 = one line at the end of training saying where
-            the run is. Defaults to 1.
 
     Example:
 
@@ -208,6 +209,7 @@ class SampleImportance(keras.callbacks.Callback):
         self.data_map = bool(data_map)
 
         self._hook = StepHook(id_key, features, lambda: self._buffer)
+        self._hook.owner = weakref.ref(self)
         self._buffer: ImportanceBuffer | None = None
         self._writer: SummaryWriter | None = None
         self._in_fit = False
@@ -311,6 +313,12 @@ class SampleImportance(keras.callbacks.Callback):
             return
         _check_strategy(model)
         self._configure_from_data(fit_args)
+        if self._resolved_mapping == "hash" and getattr(model, "jit_compile", False) is True:
+            raise ValueError(
+                "key_mapping='hash' keeps a tf.lookup hash table, which XLA cannot compile; "
+                "compile the model with jit_compile=False, or map keys to 0..N-1 ids in the "
+                "input pipeline and use key_mapping='index'."
+            )
         self._hook.num_tasks = self._count_tasks(model, fit_args)
         self._warn_if_samples_are_coupled(model)
         self._hook.install(model)

@@ -22,6 +22,7 @@ gives sw_i * dl_i/dx_i, independent of the batch size.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,26 @@ def check_keras_supported(model: keras.Model) -> None:
             f"keras_sie supports Keras >=3.5,<4 with the TensorFlow backend; this Keras "
             f"({keras.__version__}) lacks {missing}. Install a supported Keras version."
         )
+
+
+def _multi_worker_reducible(logs):
+    """Step outputs that Keras 3 can average across workers.
+
+    Under `MultiWorkerMirroredStrategy` with several workers, Keras 3 averages
+    each step output with `strategy.reduce("MEAN", v, axis=0)`, which fails on
+    the scalar metrics every step returns ("Invalid reduction dimension 0 for
+    input with 0 dimensions", tensorflow/tensorflow#72388). A leading axis of
+    one makes that reduction the mean over replicas, as Keras does on one
+    machine. Elsewhere the outputs are returned unchanged.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    multi_worker = getattr(tf_trainer, "_collective_all_reduce_multi_worker", None)
+    if multi_worker is None or not multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return tf.nest.map_structure(
+        lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, logs
+    )
 
 
 def _is_float(t) -> bool:
@@ -191,6 +212,7 @@ class StepHook:
         self.model: keras.Model | None = None
         self.traced = False
         self.fused = True
+        self.owner = None  # weakref to the SampleImportance that installed the step
         self.num_tasks = 0  # set by the callback: >1 keeps per-output scores
         self.task_names: list[str] = []
 
@@ -227,7 +249,9 @@ class StepHook:
     def _id_stripping_test_step(self, data):
         x, y, sample_weight, _ = self._split(data)
         model = self.model
-        return type(model).test_step(model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+        return _multi_worker_reducible(
+            type(model).test_step(model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+        )
 
     def _validate_default_inputs(self, names: list[str], leaves: list) -> None:
         if self.features is not None:
@@ -267,10 +291,38 @@ class StepHook:
                 "integers or strings."
             )
 
+    def _owner_in_current_fit(self) -> bool:
+        """Is the callback that installed this step part of the running `fit`?
+
+        After a crash inside `fit`, Keras never calls `on_train_end`, so the
+        step stays on the model; a later `fit` without the callback must then
+        train exactly as plain Keras. Read from the `fit` frame (the step is
+        traced inside it); True when no `fit` frame is found (custom loops).
+        """
+        owner = self.owner() if self.owner is not None else None
+        frame = inspect.currentframe()
+        try:
+            f = frame.f_back if frame is not None else None
+            while f is not None:
+                if f.f_code.co_name == "fit" and f.f_locals.get("self") is self.model:
+                    callbacks = getattr(f.f_locals.get("callbacks"), "callbacks", None)
+                    if callbacks is None:
+                        return True
+                    return any(cb is owner for cb in callbacks)
+                f = f.f_back
+        finally:
+            del frame
+        return True
+
     def _fused_train_step(self, data):
         from keras.src.losses import loss as loss_module
 
         model = self.model
+        if not self._owner_in_current_fit():
+            x, y, sample_weight, _ = self._split(data)
+            return type(model).train_step(
+                model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+            )
         buffer = self.get_buffer()
         x, y, sample_weight, ids = self._split(data)
         self._check_ids(ids)
@@ -347,7 +399,9 @@ class StepHook:
         else:
             warnings.warn("The model does not have any trainable weights.")
         self.traced = True
-        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _multi_worker_reducible(
+            model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        )
 
     def _group_rows(self, watched, records, grads) -> tuple[list[str], dict[str, tf.Tensor]]:
         """[B] row sums of |gradient| per feature group (float input / Embedding)."""

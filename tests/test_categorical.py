@@ -196,3 +196,11 @@ def test_integer_input_without_embedding_is_a_clear_error():
     sie = keras_sie.SampleImportance(features=["floats"], verbose=0)
     model.fit(keras_sie.with_ids(x), y, callbacks=[sie], verbose=0)
     assert list(sie.feature_importance) == ["floats"]
+
+
+def test_hash_keys_with_xla_fail_before_training():
+    x, y = _data()
+    model = _model(jit_compile=True)
+    sie = keras_sie.SampleImportance(key_mapping="hash", verbose=0)
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        model.fit(dict(x, sample_id=np.arange(N) * 3), y, callbacks=[sie], verbose=0)

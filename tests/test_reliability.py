@@ -435,3 +435,22 @@ def test_hash_keys_match_a_first_come_slot_reference(capacity, batches):
     got = {k: snap.sums[i] for i, k in enumerate(snap.keys.tolist())}
     for k, slot in slot_of.items():
         assert got[k] == pytest.approx(sums[slot], rel=1e-6)
+
+
+def test_a_crash_inside_fit_leaves_a_model_that_trains_as_plain_keras():
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt("user pressed ctrl-c")
+
+    x, y = linear_problem(n=48)
+    model = linear_model(lr=0.05)
+    reference = linear_model(lr=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(keras_sie.with_ids(x), y, callbacks=[keras_sie.SampleImportance(verbose=0),
+                                                      Crash()], verbose=0)
+    assert "train_step" in model.__dict__  # Keras skipped on_train_end
+    reference.set_weights(model.get_weights())
+    model.fit(x, y, epochs=2, shuffle=False, verbose=0)  # no ids, no callback: plain Keras
+    reference.fit(x, y, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
