@@ -6,20 +6,62 @@ with respect to its inputs, computed inside the compiled train step:
     I_i = sum_j |dJ_i/dX_ij| / sum_i sum_j |dJ_i/dX_ij|
 """
 
-from keras_sie.callback import SampleImportance
-from keras_sie.ids import split_ids, with_ids
-from keras_sie.step_hook import record
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from keras_sie.storage import CorruptRunError, Run, load
 
 __version__ = "0.1.0"
 
+# Names that need TensorFlow are imported on first use, so that reading runs
+# (`keras_sie.load`, the `keras-sie` command line) starts without loading it.
+_LAZY = {
+    "SampleImportance": "keras_sie.callback",
+    "split_ids": "keras_sie.ids",
+    "with_ids": "keras_sie.ids",
+    "record": "keras_sie.step_hook",
+    "prepare_distributed": "keras_sie.step_hook",
+    "ImportanceSampler": "keras_sie.actions",
+    "select": "keras_sie.actions",
+    "to_sample_weight": "keras_sie.actions",
+    "export_run": "keras_sie.export",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from keras_sie.actions import ImportanceSampler, select, to_sample_weight
+    from keras_sie.callback import SampleImportance
+    from keras_sie.export import export_run
+    from keras_sie.ids import split_ids, with_ids
+    from keras_sie.step_hook import prepare_distributed, record
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_sie' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "CorruptRunError",
+    "ImportanceSampler",
     "Run",
     "SampleImportance",
     "__version__",
+    "export_run",
     "load",
+    "prepare_distributed",
     "record",
+    "select",
     "split_ids",
+    "to_sample_weight",
     "with_ids",
 ]
