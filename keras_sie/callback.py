@@ -137,6 +137,12 @@ class SampleImportance(keras.callbacks.Callback):
             `0..num_samples-1`, or `"skip"` to leave such rows out, count them
             and log the count. Defaults to `"raise"`.
         save_arrays: Write each epoch's arrays to `log_dir`. Defaults to True.
+        aggregate_epochs: The cross-epoch aggregate (`aggregate`, and the
+            `"aggregate"` choice of `select` / `to_sample_weight`) averages the
+            first `aggregate_epochs` epochs of the record; `None` averages all
+            of them. The default, 3, won our quality benchmark: the early-epoch
+            mean found flipped labels better than the last epoch in 12 of 12
+            comparisons (README, "Quality"). Defaults to 3.
         per_task: Keep one score per output of a multi-output model (each
             output's share of the total loss, `loss_weights` included), at the
             cost of one extra input-only backward pass per output. `None`
@@ -173,6 +179,7 @@ class SampleImportance(keras.callbacks.Callback):
         on_invalid_id: str = "raise",
         save_arrays: bool = True,
         per_task: bool | None = None,
+        aggregate_epochs: int | None = 3,
         strict: bool = False,
         verbose: int = 1,
         data_map: bool = True,
@@ -203,6 +210,13 @@ class SampleImportance(keras.callbacks.Callback):
         self.on_invalid_id = on_invalid_id
         self.save_arrays = save_arrays
         self.per_task = per_task
+        if aggregate_epochs is not None and (
+            not isinstance(aggregate_epochs, (int, np.integer)) or aggregate_epochs < 1
+        ):
+            raise ValueError(
+                f"aggregate_epochs must be a positive int or None, got {aggregate_epochs!r}."
+            )
+        self.aggregate_epochs = aggregate_epochs
         self._task_history: dict[int, dict[str, np.ndarray]] = {}
         self.strict = strict
         self.verbose = verbose
@@ -242,10 +256,12 @@ class SampleImportance(keras.callbacks.Callback):
 
     @property
     def aggregate(self) -> np.ndarray | None:
-        """Cross-epoch aggregate: mean of the per-epoch importances, renormalized."""
+        """Cross-epoch aggregate: mean of the first `aggregate_epochs` epochs' importance."""
         if not self._history:
             return None
-        return scores_lib.aggregate([self._history[e] for e in sorted(self._history)])
+        return scores_lib.aggregate(
+            [self._history[e] for e in sorted(self._history)], first=self.aggregate_epochs
+        )
 
     @property
     def visits(self) -> np.ndarray | None:
@@ -657,6 +673,7 @@ class SampleImportance(keras.callbacks.Callback):
                     "id_key": self.id_key,
                     "key_mapping": self._resolved_mapping,
                     "feature_names": names,
+                    "aggregate_epochs": self.aggregate_epochs,
                 },
             )
         visited = int((snap.visits > 0).sum())

@@ -51,7 +51,10 @@ def _pick(run: Run, epoch: int | None, aggregate: bool) -> tuple[str, np.ndarray
     """(label, importance, visits) of one epoch or of the aggregate."""
     if aggregate:
         visits = np.sum([run.visits(e) for e in run.epochs], axis=0)
-        return "aggregate of all epochs", run.aggregate(), visits
+        n = run.aggregate_epochs
+        used = run.epochs if n is None else run.epochs[:n]
+        label = "aggregate of epochs " + ", ".join(str(e) for e in used)
+        return label, run.aggregate(), visits
     e = run.epochs[-1] if epoch is None else epoch
     if e not in run.epochs:
         raise _Failure(f"epoch {e} is not in {run.log_dir!r} (epochs: {_epoch_list(run.epochs)}).")

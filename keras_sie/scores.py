@@ -101,8 +101,15 @@ def top_k_indices(importance: np.ndarray, k: int, largest: bool = True) -> np.nd
     return part[np.lexsort((part, key[part]))].astype(np.int64)
 
 
-def aggregate(per_epoch: list[np.ndarray]) -> np.ndarray:
-    """Cross-epoch aggregate: the mean of the per-epoch importances, renormalized."""
+def aggregate(per_epoch: list[np.ndarray], first: int | None = None) -> np.ndarray:
+    """Cross-epoch aggregate: the mean of the per-epoch importances, renormalized.
+
+    Args:
+        per_epoch: Per-epoch importance arrays, in epoch order.
+        first: Average only the first `first` epochs (None: all of them).
+    """
+    if first is not None:
+        per_epoch = per_epoch[: max(int(first), 1)]
     if not per_epoch:
         return np.zeros(0)
     mean = np.mean(np.stack(per_epoch), axis=0)

@@ -200,9 +200,21 @@ class Run:
     def visits(self, epoch: int | None = None) -> np.ndarray:
         return self.arrays(epoch)["visits"]
 
-    def aggregate(self) -> np.ndarray:
-        """Cross-epoch aggregate (mean of per-epoch importance, renormalized)."""
-        return scores_lib.aggregate([self.importance(e) for e in self.epochs])
+    @property
+    def aggregate_epochs(self) -> int | None:
+        """How many leading epochs the aggregate averages (None: all), as recorded."""
+        value = self.manifest.get("aggregate_epochs")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def aggregate(self, first: int | None | str = "recorded") -> np.ndarray:
+        """Cross-epoch aggregate: mean of per-epoch importance, renormalized.
+
+        Args:
+            first: Average the first `first` epochs; None for all; "recorded"
+                (default) uses the run's `aggregate_epochs` setting.
+        """
+        n = self.aggregate_epochs if first == "recorded" else first
+        return scores_lib.aggregate([self.importance(e) for e in self.epochs], first=n)
 
     def sample_keys(self) -> np.ndarray:
         """Key of every slot: the original keys in hash mode, else 0..N-1."""

@@ -192,3 +192,17 @@ def test_summaries_are_in_logs_and_history():
     assert hist.history["sie_gini"][-1] == pytest.approx(sie.summary["gini"])
     p = sie.importance
     assert hist.history["sie_ess"][-1] == pytest.approx(1 / np.sum(p**2), rel=1e-6)
+
+
+@pytest.mark.parametrize("first", [3, None])
+def test_aggregate_averages_the_first_epochs_by_default(first, tmp_path):
+    x, y = linear_problem(n=48)
+    model = linear_model(lr=0.05)  # the scores change from epoch to epoch
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), aggregate_epochs=first, verbose=0)
+    _fit(model, x, y, sie, epochs=5)
+    used = [sie.history[e].astype(np.float64) for e in sorted(sie.history)][: first or 5]
+    expected = np.mean(used, axis=0)
+    expected /= expected.sum()
+    np.testing.assert_allclose(sie.aggregate, expected, rtol=1e-6)
+    np.testing.assert_allclose(keras_sie.load(str(tmp_path)).aggregate(), expected, rtol=1e-6)
+    assert not np.allclose(sie.aggregate, sie.importance)  # not just the last epoch
