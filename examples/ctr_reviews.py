@@ -22,12 +22,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras_sie  # noqa: E402
-from keras_sie.datasets import load_clothing_reviews  # noqa: E402
+import keras_sie
+from keras_sie.datasets import load_clothing_reviews
 
 
 def build_model(vocab_sizes: dict[str, int], num_buckets: int, seq_len: int) -> keras.Model:

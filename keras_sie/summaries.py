@@ -12,6 +12,8 @@ Tags (see the README's table):
 * `importance/top_k`  markdown table of the top-k samples (key, score, visits)
 * `faults/nonfinite_rows`, `faults/invalid_id_rows`, `faults/dropped_key_rows`
 * `features/<name>`  share of sum_i |g_ij| per feature group; `features/table` text
+* `importance/data_map`  the data-map image (matplotlib extra)
+* `tasks/<output>/distribution|gini|top1pct_share`  per-output scores (multi-output models)
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 from keras_sie import scores as scores_lib
-from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 
 def _md_escape(s: str) -> str:

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import linear_oracle, linear_problem
 
 import keras_sie
-from conftest import linear_oracle, linear_problem
 
 
 def _take(x, i):
@@ -28,7 +28,7 @@ def oracle(model, x, y, loss_of=None):
     n = len(tf.nest.flatten(y)[0])
     out = np.zeros(n)
     for i in range(n):
-        xi, yi = _take(x, i), tf.nest.map_structure(lambda v: v[i:i + 1], y)
+        xi, yi = _take(x, i), tf.nest.map_structure(lambda v, i=i: v[i:i + 1], y)
         captured = []
         for layer in embeddings:
             def call(inputs, *a, __orig=layer.call, __layer=layer, __cap=captured, **k):
