@@ -106,7 +106,7 @@ def _fit(log_dir, **kw):
 
 
 def test_callback_logs_one_data_map_per_epoch_and_can_be_turned_off(tmp_path):
-    sie = _fit(tmp_path / "on")
+    sie = _fit(tmp_path / "on", data_map=True)
     assert _image_tags(tmp_path / "on") == ["importance/data_map"]
     assert len(sie.history) == 2
     _fit(tmp_path / "off", data_map=False)
@@ -149,3 +149,30 @@ def test_an_epoch_with_no_positive_score_still_draws():
     image = datamap.render_data_map(h, np.ones(10), 0)
     assert image.shape == (480, 640, 3)
     assert datamap.data_map_coordinates(h, np.ones(10), 0)["index"].size == 0
+
+
+def _image_steps(log_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(log_dir / "keras_sie"),
+                                             size_guidance={"tensors": 0})
+    acc.Reload()
+    if "importance/data_map" not in acc.Tags()["tensors"]:
+        return []
+    return [e.step for e in acc.Tensors("importance/data_map")]
+
+
+def test_auto_data_map_keeps_drawing_within_two_percent_of_epoch_time(tmp_path):
+    # Epochs of this tiny fit take milliseconds while a drawing takes tenths of
+    # a second: "auto" draws the first epoch, then waits for the budget.
+    x, y = linear_problem(n=64)
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), verbose=0)  # data_map="auto"
+    linear_model(lr=0.01).fit(keras_sie.with_ids(x), y, batch_size=16, epochs=4,
+                              callbacks=[sie], verbose=0)
+    assert _image_steps(tmp_path) == [0]
+    assert sie._map_cost is not None and sie._map_budget < sie._map_cost
+    # With data_map=True every epoch gets its picture.
+    every = keras_sie.SampleImportance(log_dir=str(tmp_path / "every"), data_map=True,
+                                       verbose=0)
+    linear_model(lr=0.01).fit(keras_sie.with_ids(x), y, batch_size=16, epochs=3,
+                              callbacks=[every], verbose=0)
+    assert _image_steps(tmp_path / "every") == [0, 1, 2]

@@ -64,7 +64,7 @@ def run(tmp_path_factory):
     model = keras.Model({"num": num, "cat": cat}, keras.layers.Dense(1, activation="sigmoid")(h))
     model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy")
     log_dir = tmp_path_factory.mktemp("tb") / "logs"
-    sie = keras_sie.SampleImportance(log_dir=str(log_dir), top_k=5, verbose=0)
+    sie = keras_sie.SampleImportance(log_dir=str(log_dir), top_k=5, verbose=0, data_map=True)
     model.fit(keras_sie.with_ids(x), y, epochs=EPOCHS, batch_size=32, callbacks=[sie], verbose=0)
 
     saved = keras_sie.load(str(log_dir))
