@@ -323,12 +323,9 @@ class SampleImportance(keras.callbacks.Callback):
             return []
         epoch = max(self._history) if epoch is None else epoch
         imp = self._history[epoch]
-        vis = self._visits if self._visits is not None else np.ones_like(imp)
-        fill = -np.inf if largest else np.inf
-        masked = np.where(vis > 0, imp, fill)
-        idx = scores_lib.top_k_indices(masked, min(k, int((vis > 0).sum())), largest)
-        keys = self.keys
-        return [(keys[i].item() if keys is not None else int(i), float(imp[i]), int(vis[i])) for i in idx]
+        vis = self._visits if self._visits is not None else np.ones_like(imp, dtype=np.int64)
+        keys = self.keys if self.keys is not None else np.arange(imp.size, dtype=np.int64)
+        return scores_lib.top_k_rows(imp, vis, keys, k, largest)
 
     # ------------------------------------------------------------- lifecycle
     def set_model(self, model: keras.Model) -> None:

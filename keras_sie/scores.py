@@ -101,6 +101,16 @@ def top_k_indices(importance: np.ndarray, k: int, largest: bool = True) -> np.nd
     return part[np.lexsort((part, key[part]))].astype(np.int64)
 
 
+def top_k_rows(
+    importance: np.ndarray, visits: np.ndarray, keys: np.ndarray, k: int, largest: bool = True
+) -> list[tuple]:
+    """[(key, importance, visits)] of the k most (or least) important visited samples."""
+    visited = np.asarray(visits) > 0
+    masked = np.where(visited, importance, -np.inf if largest else np.inf)
+    idx = top_k_indices(masked, min(k, int(visited.sum())), largest)
+    return [(keys[i].item(), float(importance[i]), int(visits[i])) for i in idx]
+
+
 def aggregate(per_epoch: list[np.ndarray], first: int | None = None) -> np.ndarray:
     """Cross-epoch aggregate: the mean of the per-epoch importances, renormalized.
 

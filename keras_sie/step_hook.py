@@ -334,10 +334,13 @@ class StepHook:
             (n, l) for n, l in zip(names, leaves)
             if l is not None and _is_float(l) and (self.features is None or n in self.features)
         ]
+        listed = set(self.features or ())
+        if self.features is not None:  # an int input listed by name: its Embeddings
+            consumers = functional_input_consumers(model) or {}
+            listed.update(name for f in self.features for name in consumers.get(f, []))
         capture_layers = [
             layer for layer in embedding_layers(model)
-            if self.features is None or layer.name in self.features
-            or _embedding_listed_via_input(self.features, layer.name, model)
+            if self.features is None or layer.name in listed
         ]
         capture = _EmbeddingCapture(capture_layers)
         # Per-task scores need one more (input-only) backward pass per output,
@@ -446,9 +449,7 @@ class StepHook:
         if len(order) > 256:
             raise ValueError(f"Too many feature groups ({len(order)}); at most 256 are supported.")
         self.feature_names = order
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        local_batch = tf.shape(tf.reshape(ids, [-1]))[0]
-        scale = tf.cast(local_batch * replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
+        scale = _own_loss_scale(ids, loss_scale)
         buffer.accumulate(ids, [groups[n] for n in order], scale, task_rows)
 
 
@@ -496,11 +497,15 @@ def _per_output_losses(model, y, y_pred, sample_weight) -> list[tuple[str, tf.Te
         return None
 
 
-def _embedding_listed_via_input(features, layer_name, model) -> bool:
-    if not features:
-        return False
-    consumers = functional_input_consumers(model) or {}
-    return any(layer_name in consumers.get(f, []) for f in features)
+def _own_loss_scale(ids, loss_scale) -> tf.Tensor:
+    """Factor turning row i of d(batch loss)/dx into sample i's own-loss gradient.
+
+    Keras's loss is a mean over the global batch (local batch x replicas) and
+    carries the optimizer's loss scale under mixed precision.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    local_batch = tf.shape(tf.reshape(ids, [-1]))[0]
+    return tf.cast(local_batch * replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
 
 
 def record(model: keras.Model, sample_ids, input_gradients, loss_scale=1.0) -> None:
@@ -543,9 +548,7 @@ def record(model: keras.Model, sample_ids, input_gradients, loss_scale=1.0) -> N
     leaves = tf.nest.flatten(input_gradients)
     names = _input_names(model, input_gradients)
     hook.feature_names = names
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    local_batch = tf.shape(tf.reshape(sample_ids, [-1]))[0]
-    scale = tf.cast(local_batch * replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
+    scale = _own_loss_scale(sample_ids, loss_scale)
     buffer.accumulate(sample_ids, [_row_abs_sum(g) for g in leaves], scale)
     hook.traced = True
 

@@ -242,12 +242,9 @@ class Run:
 
     def top_k(self, k: int = 10, epoch: int | None = None, largest: bool = True) -> list[tuple]:
         """[(key, score, visits)] of the k most (or least) important visited samples."""
-        imp = self.importance(epoch)
-        vis = self.visits(epoch)
-        masked = np.where(vis > 0, imp, -np.inf if largest else np.inf)
-        idx = scores_lib.top_k_indices(masked, min(k, int((vis > 0).sum())), largest)
-        keys = self.sample_keys()
-        return [(keys[i].item(), float(imp[i]), int(vis[i])) for i in idx]
+        return scores_lib.top_k_rows(
+            self.importance(epoch), self.visits(epoch), self.sample_keys(), k, largest
+        )
 
 
 def load(log_dir: str) -> Run:
