@@ -10,7 +10,6 @@ asynchronous batch dispatch.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import time
@@ -28,7 +27,7 @@ from keras_sie import scores as scores_lib
 from keras_sie import storage
 from keras_sie.buffer import ImportanceBuffer
 from keras_sie.datamap import render_data_map
-from keras_sie.step_hook import StepHook
+from keras_sie.step_hook import StepHook, fit_call_locals
 from keras_sie.summaries import SummaryWriter
 
 _KEY_MAPPINGS = ("auto", "index", "hash")
@@ -43,18 +42,7 @@ def _fit_arguments(model: keras.Model) -> dict[str, Any] | None:
     and infer `num_samples` before any compute is spent. Returns None when
     `set_model` is not called from `fit` (evaluate/predict/custom loops).
     """
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        for _ in range(16):
-            if f is None:
-                break
-            if f.f_code.co_name == "fit" and f.f_locals.get("self") is model:
-                return dict(f.f_locals)
-            f = f.f_back
-    finally:
-        del frame
-    return None
+    return fit_call_locals(model, max_depth=17)  # the 16 frames above set_model, as before
 
 
 _SUPPORTED_STRATEGIES = (

@@ -35,6 +35,31 @@ from keras_sie import ids as ids_lib
 _TRAINER_ATTRS = ("_compute_loss", "_loss_tracker", "_call_has_training_arg", "compute_metrics")
 
 
+def fit_call_locals(model: keras.Model, max_depth: int | None = None) -> dict[str, Any] | None:
+    """Local variables of the running `model.fit` call found up the stack, or None.
+
+    Callbacks never see `fit`'s data or callback list; reading its frame lets
+    the callback check ids before any compute and lets the step tell whether
+    its callback takes part in the running `fit`.
+
+    Args:
+        model: The model whose `fit` frame to find.
+        max_depth: Frames to look through (None: the whole stack).
+    """
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        depth = 0
+        while f is not None and (max_depth is None or depth < max_depth):
+            if f.f_code.co_name == "fit" and f.f_locals.get("self") is model:
+                return dict(f.f_locals)
+            f = f.f_back
+            depth += 1
+    finally:
+        del frame
+    return None
+
+
 def keras_train_step_is_default(model: keras.Model) -> bool:
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
@@ -300,19 +325,11 @@ class StepHook:
         traced inside it); True when no `fit` frame is found (custom loops).
         """
         owner = self.owner() if self.owner is not None else None
-        frame = inspect.currentframe()
-        try:
-            f = frame.f_back if frame is not None else None
-            while f is not None:
-                if f.f_code.co_name == "fit" and f.f_locals.get("self") is self.model:
-                    callbacks = getattr(f.f_locals.get("callbacks"), "callbacks", None)
-                    if callbacks is None:
-                        return True
-                    return any(cb is owner for cb in callbacks)
-                f = f.f_back
-        finally:
-            del frame
-        return True
+        fit_locals = fit_call_locals(self.model)
+        if fit_locals is None:
+            return True
+        callbacks = getattr(fit_locals.get("callbacks"), "callbacks", None)
+        return callbacks is None or any(cb is owner for cb in callbacks)
 
     def _fused_train_step(self, data):
         from keras.src.losses import loss as loss_module
