@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from keras_sie.storage import CorruptRunError, Run, load
+from keras_sie.score_record import EpochScores, ScoreRecord
+from keras_sie.storage import CorruptRunError, load
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,9 @@ _LAZY = {
     "SampleImportance": "keras_sie.callback",
     "split_ids": "keras_sie.ids",
     "with_ids": "keras_sie.ids",
-    "record": "keras_sie.step_hook",
-    "prepare_distributed": "keras_sie.step_hook",
+    "without_ids": "keras_sie.ids",
+    "record": "keras_sie.adapters.keras3",
+    "prepare_distributed": "keras_sie.adapters.keras3",
     "ImportanceSampler": "keras_sie.actions",
     "select": "keras_sie.actions",
     "to_sample_weight": "keras_sie.actions",
@@ -31,10 +33,10 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from keras_sie.actions import ImportanceSampler, select, to_sample_weight
+    from keras_sie.adapters.keras3 import prepare_distributed, record
     from keras_sie.callback import SampleImportance
     from keras_sie.export import export_run
-    from keras_sie.ids import split_ids, with_ids
-    from keras_sie.step_hook import prepare_distributed, record
+    from keras_sie.ids import split_ids, with_ids, without_ids
 
 
 def __getattr__(name: str) -> Any:
@@ -52,9 +54,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CorruptRunError",
+    "EpochScores",
     "ImportanceSampler",
-    "Run",
     "SampleImportance",
+    "ScoreRecord",
     "__version__",
     "export_run",
     "load",
@@ -64,4 +67,5 @@ __all__ = [
     "split_ids",
     "to_sample_weight",
     "with_ids",
+    "without_ids",
 ]

@@ -2,7 +2,7 @@
 
 Every function takes the scores in one of three forms:
 
-* a `keras_sie.Run` (from `keras_sie.load(log_dir)`),
+* a `keras_sie.ScoreRecord` (from `keras_sie.load(log_dir)` or `sie.record`),
 * a `keras_sie.SampleImportance` callback after `fit`,
 * a plain array of importances (with optional `keys`, the sample ids).
 
@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sie import ids as ids_lib
-from keras_sie.storage import Run
+from keras_sie.score_record import ScoreRecord
 
-ScoreSource = Union[Run, "keras.callbacks.Callback", np.ndarray, Sequence[float]]
+ScoreSource = Union[ScoreRecord, "keras.callbacks.Callback", np.ndarray, Sequence[float]]
 
 __all__ = ["ImportanceSampler", "select", "to_sample_weight"]
 
@@ -42,56 +42,39 @@ class _Scores:
     visited: np.ndarray  # bool [M]
 
 
-def _is_callback(obj: Any) -> bool:
-    # Duck-typed so that this module does not depend on callback internals.
-    return hasattr(obj, "history") and hasattr(obj, "visits") and hasattr(obj, "top_k")
-
-
-def _resolve(scores: ScoreSource, keys: Any = None, epoch: int | str | None = None) -> _Scores:
-    """Turns any accepted score source into (importance, keys, visited)."""
-    if isinstance(scores, Run):
-        if keys is not None:
-            raise ValueError("keys= is only for plain arrays; a Run carries its own sample keys.")
-        if epoch == "aggregate":
-            imp = scores.aggregate()
-            visits = np.sum([scores.visits(e) for e in scores.epochs], axis=0)
-        else:
-            imp = scores.importance(epoch)
-            visits = scores.visits(epoch)
-        k = scores.sample_keys()
-        m = len(scores.keys) if scores.keys is not None else len(k)  # hash: used slots only
-        return _Scores(np.asarray(imp, np.float64)[:m], k[:m], np.asarray(visits)[:m] > 0)
-    if _is_callback(scores):
-        if keys is not None:
-            raise ValueError(
-                "keys= is only for plain arrays; a SampleImportance carries its own keys."
-            )
-        history = scores.history
-        if not history:
+def _record_of(scores: Any) -> ScoreRecord | None:
+    """The `ScoreRecord` behind a record or a callback, or None for plain arrays."""
+    if isinstance(scores, ScoreRecord):
+        return scores
+    record = getattr(scores, "record", None)
+    if isinstance(record, ScoreRecord) or (
+        isinstance(scores, keras.callbacks.Callback) and hasattr(scores, "record")
+    ):
+        if record is None:
             raise ValueError(
                 "This SampleImportance has no scores yet: pass it to model.fit(callbacks=[...]) "
                 "first, or load a saved run with keras_sie.load(log_dir)."
             )
-        latest = max(history)
-        if epoch == "aggregate":
-            imp = np.asarray(scores.aggregate, np.float64)
-            visited = imp > 0
-        else:
-            e = latest if epoch is None else epoch
-            if e not in history:
-                raise KeyError(f"epoch {e} not recorded (epochs: {sorted(history)})")
-            imp = np.asarray(history[e], np.float64)
-            if e == latest and scores.visits is not None:
-                visited = np.asarray(scores.visits) > 0
-            else:  # visits are kept for the latest epoch only
-                visited = imp > 0
-        k = scores.keys
-        if k is None:
-            k = np.arange(imp.size, dtype=np.int64)
-        m = min(len(k), imp.size)
-        return _Scores(imp[:m], np.asarray(k)[:m], visited[:m])
+        return record
+    return None
+
+
+def _resolve(scores: ScoreSource, keys: Any = None, epoch: int | str | None = None) -> _Scores:
+    """Turns any accepted score source into (importance, keys, visited)."""
+    record = _record_of(scores)
+    if record is not None:
+        if keys is not None:
+            raise ValueError(
+                "keys= is only for plain arrays; a ScoreRecord or SampleImportance carries its "
+                "own sample keys."
+            )
+        importance, visits = record.scores(epoch)
+        m = record.slots_used  # hash mode: used slots only
+        return _Scores(
+            np.asarray(importance, np.float64)[:m], record.keys[:m], np.asarray(visits)[:m] > 0
+        )
     if epoch not in (None, "aggregate"):
-        raise ValueError("epoch= needs a Run or a SampleImportance, not a plain array.")
+        raise ValueError("epoch= needs a ScoreRecord or a SampleImportance, not a plain array.")
     imp = np.asarray(scores, dtype=np.float64)
     if imp.ndim != 1:
         raise ValueError(f"Expected a 1-D array of importances, got shape {imp.shape}.")
@@ -174,7 +157,7 @@ def select(
     position, so the result is deterministic.
 
     Args:
-        scores: A `keras_sie.Run`, a `keras_sie.SampleImportance` after `fit`,
+        scores: A `keras_sie.ScoreRecord`, a `keras_sie.SampleImportance` after `fit`,
             or a 1-D array of importances.
         top: Select the `top` most important samples (count or fraction).
         bottom: Select the `bottom` least important samples.
@@ -264,7 +247,7 @@ def to_sample_weight(
     average exactly 1.
 
     Args:
-        scores: A `keras_sie.Run`, a `keras_sie.SampleImportance`, or a 1-D
+        scores: A `keras_sie.ScoreRecord`, a `keras_sie.SampleImportance`, or a 1-D
             array of importances.
         smoothing: Share of the uniform distribution mixed in, in [0, 1].
             Defaults to 0.1.
@@ -330,7 +313,7 @@ class ImportanceSampler(keras.callbacks.Callback):
     Args:
         num_samples: Number of samples N (rows of the data given to
             `dataset`).
-        scores: Optional initial scores: a `Run`, a `SampleImportance` or an
+        scores: Optional initial scores: a `ScoreRecord`, a `SampleImportance` or an
             array of N importances (with their keys, the rows, by position).
             Defaults to uniform.
         source: Optional `SampleImportance` watching this sampler's dataset;
@@ -368,7 +351,9 @@ class ImportanceSampler(keras.callbacks.Callback):
                 f"smoothing must be in (0, 1], got {smoothing}: with 0, samples scored 0 would "
                 "never be drawn and the weighted gradient would be biased."
             )
-        if source is not None and not _is_callback(source):
+        if source is not None and not (
+            isinstance(source, keras.callbacks.Callback) and hasattr(source, "record")
+        ):
             raise TypeError("source must be a keras_sie.SampleImportance.")
         self.num_samples = int(num_samples)
         self.smoothing = float(smoothing)
@@ -407,8 +392,8 @@ class ImportanceSampler(keras.callbacks.Callback):
         """Sets the probabilities from scores (e.g. a previous run's).
 
         Args:
-            scores: A `Run`, a `SampleImportance`, or an array of N importances
-                indexed by row. Run/callback keys must be the rows 0..N-1
+            scores: A `ScoreRecord`, a `SampleImportance`, or an array of N importances
+                indexed by row. Record/callback keys must be the rows 0..N-1
                 (`keras_sie.with_ids`); unscored rows get the mean score.
             epoch: Epoch number, `None` (latest) or `"aggregate"`.
         """

@@ -74,6 +74,9 @@ class BufferSnapshot:
     dropped_rows: int  # rows with a new key after capacity was reached (hash mode)
     keys: np.ndarray | None  # original keys by slot (hash mode), else None
     task_sums: np.ndarray | None = None  # float32 [num_samples, num_tasks] (multi-output)
+    steps: int = 0  # steps that reached the buffer this epoch (all replicas)
+    skipped_steps: int = 0  # steps the loss-scale optimizer skipped (overflow)
+    num_groups: int = 0  # feature groups the step reported
 
 
 class ImportanceBuffer:
@@ -103,6 +106,13 @@ class ImportanceBuffer:
         self.invalid_example = _replica_variable("sie_invalid_example", [], tf.int64)
         self.nonfinite_rows = _replica_variable("sie_nonfinite_rows", [], tf.int64)
         self.dropped_rows = _replica_variable("sie_dropped_rows", [], tf.int64)
+        self.steps = _replica_variable("sie_steps", [], tf.int64)
+        self.skipped_steps = _replica_variable("sie_skipped_steps", [], tf.int64)
+        # Feature groups of the last step (the same on every replica: max, not sum).
+        self.num_groups = tf.Variable(
+            tf.constant(0, tf.int32), trainable=False, name="sie_num_groups",
+            synchronization=_ON_READ, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
         # Per-output (task) sums of multi-output models: [num_samples, num_tasks].
         self.num_tasks = int(num_tasks)
         self.task_sums = (
@@ -120,7 +130,7 @@ class ImportanceBuffer:
     @property
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
-        return self.num_samples * (4 + 4 + 4 * self.num_tasks) + MAX_FEATURE_GROUPS * 4 + 4 * 8
+        return self.num_samples * (4 + 4 + 4 * self.num_tasks) + MAX_FEATURE_GROUPS * 4 + 7 * 8
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
@@ -141,6 +151,7 @@ class ImportanceBuffer:
         per_feature_rows: Sequence[tf.Tensor],
         scale,
         per_task_rows: Sequence[tf.Tensor] | None = None,
+        step_ok: tf.Tensor | None = None,
     ) -> None:
         """Adds one batch. Runs inside the compiled step.
 
@@ -150,7 +161,22 @@ class ImportanceBuffer:
                 sum over that group's elements of |d batch_loss / d x|.
             scale: factor that turns a batch-loss gradient into the sample's
                 own-loss gradient (global batch size / loss scale).
+            per_task_rows: one [B] tensor per output (multi-output models).
+            step_ok: False when the optimizer skips this step (a loss-scale
+                overflow): nothing is accumulated and the step is counted as
+                skipped, not as NaN/Inf rows. None means True.
         """
+        if len(per_feature_rows) > MAX_FEATURE_GROUPS:
+            raise ValueError(
+                f"Too many feature groups ({len(per_feature_rows)}); at most "
+                f"{MAX_FEATURE_GROUPS} are supported."
+            )
+        ok = tf.constant(True) if step_ok is None else tf.reshape(step_ok, [])
+        _assign_add(self.steps, tf.constant(1, tf.int64))
+        _assign_add(self.skipped_steps, tf.cast(tf.logical_not(ok), tf.int64))
+        tf.raw_ops.AssignVariableOp(
+            resource=self.num_groups.handle, value=tf.constant(len(per_feature_rows), tf.int32)
+        )
         ids = tf.reshape(ids, [-1])
         if self.key_mapping == "hash":
             slots = self._slots_for_keys(tf.cast(ids, self.key_dtype))
@@ -161,8 +187,8 @@ class ImportanceBuffer:
         rows = tf.stack([tf.cast(r, tf.float32) for r in per_feature_rows], axis=1)
         rows = rows * tf.cast(scale, tf.float32)
         total = tf.reduce_sum(rows, axis=1)
-        finite = tf.math.is_finite(total)
-        valid = tf.logical_and(known, finite)
+        finite = tf.logical_or(tf.math.is_finite(total), tf.logical_not(ok))
+        valid = tf.logical_and(tf.logical_and(known, finite), ok)
         safe_slots = tf.where(known, slots, tf.zeros_like(slots))
         _scatter_add(self.sums, safe_slots, tf.where(valid, total, tf.zeros_like(total)))
         _scatter_add(self.visits, safe_slots, tf.cast(valid, tf.int32))
@@ -195,7 +221,7 @@ class ImportanceBuffer:
         """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
         for var in (self.sums, self.visits, self.feature_sums, self.invalid_rows,
                     self.invalid_example, self.nonfinite_rows, self.dropped_rows,
-                    self.task_sums):
+                    self.steps, self.skipped_steps, self.task_sums):
             if var is None:
                 continue
             var.assign(tf.zeros_like(var))
@@ -229,6 +255,9 @@ class ImportanceBuffer:
             keys=keys,
             task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
             else None,
+            steps=int(_read(self.steps)),
+            skipped_steps=int(_read(self.skipped_steps)),
+            num_groups=int(_local_values(self.num_groups)[0]),
         )
 
     def restore_keys(self, keys: np.ndarray) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from keras_sie import __version__, storage
 from keras_sie import export as export_lib
 from keras_sie import scores as scores_lib
-from keras_sie.storage import CorruptRunError, Run
+from keras_sie.score_record import ScoreRecord
+from keras_sie.storage import CorruptRunError
 
 PROG = "keras-sie"
 
@@ -34,7 +35,7 @@ class _Failure(Exception):
 
 
 # ---------------------------------------------------------------- helpers
-def _load(path: str) -> Run:
+def _load(path: str) -> ScoreRecord:
     if not os.path.exists(path):
         raise _Failure(f"{path!r} does not exist. Pass the log_dir given to SampleImportance.")
     if not os.path.isdir(path):
@@ -47,18 +48,24 @@ def _load(path: str) -> Run:
         raise _Failure(f"corrupt run: {e}") from e
 
 
-def _pick(run: Run, epoch: int | None, aggregate: bool) -> tuple[str, np.ndarray, np.ndarray]:
-    """(label, importance, visits) of one epoch or of the aggregate."""
+def _pick(run: ScoreRecord, epoch: int | None, aggregate: bool
+          ) -> tuple[str, np.ndarray, np.ndarray]:
+    """(label, importance, visits) of one epoch or of the aggregate.
+
+    The aggregate's visits are `ScoreRecord.scores("aggregate")`'s: the same
+    definition of "visited" as `keras_sie.select` uses.
+    """
     if aggregate:
-        visits = np.sum([run.visits(e) for e in run.epochs], axis=0)
         n = run.aggregate_epochs
         used = run.epochs if n is None else run.epochs[:n]
         label = "aggregate of epochs " + ", ".join(str(e) for e in used)
-        return label, run.aggregate(), visits
+        imp, visits = run.scores("aggregate")
+        return label, np.asarray(imp, np.float64), np.asarray(visits)
     e = run.epochs[-1] if epoch is None else epoch
     if e not in run.epochs:
         raise _Failure(f"epoch {e} is not in {run.log_dir!r} (epochs: {_epoch_list(run.epochs)}).")
-    return f"epoch {e}", np.asarray(run.importance(e), np.float64), np.asarray(run.visits(e))
+    imp, visits = run.scores(e)
+    return f"epoch {e}", np.asarray(imp, np.float64), np.asarray(visits)
 
 
 def _epoch_list(epochs: Sequence[int]) -> str:
@@ -67,9 +74,8 @@ def _epoch_list(epochs: Sequence[int]) -> str:
     return ", ".join(str(e) for e in epochs)
 
 
-def _used(run: Run, arr: np.ndarray) -> np.ndarray:
-    m = len(run.keys) if run.keys is not None else len(arr)
-    return arr[:m]
+def _used(run: ScoreRecord, arr: np.ndarray) -> np.ndarray:
+    return arr[: run.slots_used]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -134,7 +140,7 @@ def _report(args: argparse.Namespace) -> int:
     run = _load(args.logdir)
     label, imp, visits = _pick(run, args.epoch, args.aggregate)
     imp, visits = _used(run, imp), _used(run, visits)
-    keys = _used(run, run.sample_keys())
+    keys = _used(run, run.keys)
     visited = visits > 0
     n_vis = int(visited.sum())
     summary = scores_lib.summarize(imp, visits)
@@ -143,11 +149,11 @@ def _report(args: argparse.Namespace) -> int:
     bottom = scores_lib.top_k_indices(np.where(visited, imp, np.inf), k, largest=False)
     per_epoch = []
     for e in run.epochs:
-        ei, ev = _used(run, run.importance(e)), _used(run, run.visits(e))
+        ei, ev = (_used(run, a) for a in run.scores(e))
         s = scores_lib.summarize(ei, ev)
         per_epoch.append((e, int(s["visited_samples"]), s["gini"], s["top1pct_share"],
                           s["effective_sample_size"]))
-    features = {} if args.aggregate else run.feature_importance(args.epoch)
+    features = {} if args.aggregate else run.epoch(args.epoch).feature_importance
     if args.json:
         out = {
             "log_dir": run.log_dir,
@@ -220,7 +226,7 @@ def _export(args: argparse.Namespace) -> int:
     except OSError as e:
         raise _Failure(f"cannot write {args.output!r}: {e}") from e
     what = f"epoch {args.epoch}" if args.epoch is not None else f"{len(run.epochs)} epoch(s)"
-    print(f"wrote {what} of {len(_used(run, run.sample_keys()))} samples to {path} "
+    print(f"wrote {what} of {len(_used(run, run.keys))} samples to {path} "
           f"({args.format})")
     return 0
 
@@ -252,7 +258,7 @@ def _diff(args: argparse.Namespace) -> int:
         run = _load(path)
         label, imp, visits = _pick(run, epoch, args.aggregate)
         imp, visits = _used(run, imp), _used(run, visits)
-        keys = _used(run, run.sample_keys())
+        keys = _used(run, run.keys)
         v = visits > 0
         sides.append((run, label, keys[v], imp[v]))
     (ra, la, ka, ia), (rb, lb, kb, ib) = sides

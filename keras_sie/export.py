@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from keras_sie import storage
-from keras_sie.storage import Run
+from keras_sie.score_record import ScoreRecord
 
 FORMATS = ("csv", "npz", "parquet")
 _EXTENSIONS = {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}
@@ -32,11 +32,16 @@ _EXTENSIONS = {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parq
 __all__ = ["export_run", "to_columns"]
 
 
-def _as_run(run: Run | str | os.PathLike) -> Run:
-    return run if isinstance(run, Run) else storage.load(os.fspath(run))
+def _as_run(run: ScoreRecord | str | os.PathLike) -> ScoreRecord:
+    if isinstance(run, ScoreRecord):
+        return run
+    record = getattr(run, "record", None)  # a SampleImportance after fit
+    if isinstance(record, ScoreRecord):
+        return record
+    return storage.load(os.fspath(run))
 
 
-def _epochs(run: Run, epoch: int | None) -> list[int]:
+def _epochs(run: ScoreRecord, epoch: int | None) -> list[int]:
     if epoch is None:
         return list(run.epochs)
     if epoch not in run.epochs:
@@ -44,27 +49,25 @@ def _epochs(run: Run, epoch: int | None) -> list[int]:
     return [int(epoch)]
 
 
-def _keys(run: Run) -> np.ndarray:
-    keys = run.sample_keys()
-    m = len(run.keys) if run.keys is not None else len(keys)  # hash mode: used slots
-    return keys[:m]
+def _keys(run: ScoreRecord) -> np.ndarray:
+    return run.keys[: run.slots_used]  # hash mode: used slots
 
 
-def _wide(run: Run, epochs: list[int]) -> dict[str, np.ndarray]:
+def _wide(run: ScoreRecord, epochs: list[int]) -> dict[str, np.ndarray]:
     keys = _keys(run)
     m = len(keys)
     out = {
         "keys": keys,
         "epochs": np.asarray(epochs, dtype=np.int64),
-        "importance": np.stack([np.asarray(run.importance(e), np.float64)[:m] for e in epochs]),
-        "visits": np.stack([np.asarray(run.visits(e), np.int64)[:m] for e in epochs]),
-        "grad_sum": np.stack(
-            [np.asarray(run.arrays(e)["sums"], np.float64)[:m] for e in epochs]
+        "importance": np.stack(
+            [np.asarray(run.epoch(e).importance, np.float64)[:m] for e in epochs]
         ),
+        "visits": np.stack([np.asarray(run.epoch(e).visits, np.int64)[:m] for e in epochs]),
+        "grad_sum": np.stack([np.asarray(run.epoch(e).sums, np.float64)[:m] for e in epochs]),
     }
-    names = run.feature_names
+    names = list(run.epoch().feature_names)
     if names:
-        shares = [run.feature_importance(e) for e in epochs]
+        shares = [run.epoch(e).feature_importance for e in epochs]
         if all(list(s) == names for s in shares):
             out["feature_names"] = np.asarray(names, dtype=str)
             out["feature_importance"] = np.asarray(
@@ -73,11 +76,12 @@ def _wide(run: Run, epochs: list[int]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_columns(run: Run | str | os.PathLike, epoch: int | None = None) -> dict[str, np.ndarray]:
+def to_columns(run: ScoreRecord | str | os.PathLike, epoch: int | None = None) -> dict[str, np.ndarray]:
     """A run as a long table: one row per (epoch, sample).
 
     Args:
-        run: A `keras_sie.Run` or the `log_dir` of one.
+        run: A `keras_sie.ScoreRecord`, a `SampleImportance` after `fit`, or
+            the `log_dir` of a run.
         epoch: One epoch number, or `None` for all epochs.
 
     Returns:
@@ -143,7 +147,7 @@ def _parquet_writer(cols: dict[str, np.ndarray]):
 
 
 def export_run(
-    run: Run | str | os.PathLike,
+    run: ScoreRecord | str | os.PathLike,
     path: str | os.PathLike,
     format: str | None = None,
     epoch: int | None = None,
@@ -155,7 +159,8 @@ def export_run(
     renamed, so a file that exists is complete.
 
     Args:
-        run: A `keras_sie.Run` or the `log_dir` of one.
+        run: A `keras_sie.ScoreRecord`, a `SampleImportance` after `fit`, or
+            the `log_dir` of a run.
         path: Output file.
         format: `"csv"`, `"npz"` or `"parquet"`; inferred from the extension
             of `path` when None. Parquet needs pyarrow

@@ -3,7 +3,7 @@
 Keras shuffles numpy inputs itself and never shows a batch to callbacks, so
 the only way to know which sample a gradient row belongs to is to let an id
 travel with the features.  `with_ids` attaches one; the fused train step
-(`step_hook`) removes it before the model is called.
+(`adapters.keras3.StepHook`) removes it before the model is called.
 """
 
 from __future__ import annotations
@@ -85,7 +85,125 @@ def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0) -> Any:
     return _attach(x, ids, id_key)
 
 
+# tf.data ops that reorder elements differently from one epoch (iterator) to
+# the next, or pick elements at random.
+_REORDERING_OPS = {
+    "ShuffleDataset": "shuffle",
+    "ShuffleDatasetV2": "shuffle",
+    "ShuffleDatasetV3": "shuffle",
+    "ShuffleAndRepeatDataset": "shuffle",
+    "ShuffleAndRepeatDatasetV2": "shuffle",
+    "ExperimentalShuffleAndRepeatDataset": "shuffle",
+    "RandomDataset": "random sampling (sample_from_datasets / Dataset.random)",
+    "ExperimentalRandomDataset": "random sampling (sample_from_datasets / Dataset.random)",
+}
+# Ops with a `deterministic` attr: "false" reorders; "default" follows options.
+_PARALLEL_OPS = {
+    "ParallelMapDataset": "map(num_parallel_calls=..., deterministic=False)",
+    "ParallelMapDatasetV2": "map(num_parallel_calls=..., deterministic=False)",
+    "ParallelInterleaveDatasetV2": "interleave(..., deterministic=False)",
+    "ParallelInterleaveDatasetV3": "interleave(..., deterministic=False)",
+    "ParallelInterleaveDatasetV4": "interleave(..., deterministic=False)",
+    "ParallelBatchDataset": "batch(num_parallel_calls=..., deterministic=False)",
+    "MapAndBatchDataset": "map_and_batch with deterministic=False",
+    "ParallelFilterDataset": "filter(num_parallel_calls=..., deterministic=False)",
+    "LegacyParallelInterleaveDatasetV2": "parallel_interleave(sloppy=True)",
+}
+_BATCHING_OPS = {
+    "BatchDataset", "BatchDatasetV2", "ParallelBatchDataset", "PaddedBatchDataset",
+    "PaddedBatchDatasetV2", "MapAndBatchDataset", "ExperimentalMapAndBatchDataset",
+    "DenseToSparseBatchDataset", "ExperimentalDenseToSparseBatchDataset", "RebatchDataset",
+    "RebatchDatasetV2", "GroupByWindowDataset", "ExperimentalGroupByWindowDataset",
+}
+_UNBATCHING_OPS = {"UnbatchDataset", "ExperimentalUnbatchDataset"}
+
+
+def _dataset_graph(ds: tf.data.Dataset):
+    from tensorflow.core.framework import graph_pb2
+
+    serialized = tf.raw_ops.DatasetToGraphV2(
+        input_dataset=ds._variant_tensor, external_state_policy=1, strip_device_assignment=True
+    )
+    graph = graph_pb2.GraphDef()
+    graph.ParseFromString(serialized.numpy())
+    return graph
+
+
+def _options_nondeterministic(node) -> bool:
+    from tensorflow.core.framework import dataset_options_pb2
+
+    options = dataset_options_pb2.Options()
+    try:
+        options.ParseFromString(node.attr["serialized_options"].s)
+    except Exception:  # noqa: BLE001 - unreadable options: assume the default
+        return False
+    return options.HasField("deterministic") and not options.deterministic
+
+
+def reordering_ops(ds: tf.data.Dataset) -> list[str]:
+    """What in `ds`'s pipeline changes the element order from epoch to epoch.
+
+    Reads the dataset's graph (the main chain and the functions it calls,
+    e.g. the per-file datasets of an interleave). Returns a readable name per
+    offending op; empty when the order is the same every epoch.
+    """
+    graph = _dataset_graph(ds)
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    nondeterministic_default = any(
+        n.op == "OptionsDataset" and _options_nondeterministic(n) for n in nodes
+    )
+    found = []
+    for n in nodes:
+        if n.op in _REORDERING_OPS:
+            if n.op.startswith("Shuffle") and "reshuffle_each_iteration" in n.attr \
+                    and not n.attr["reshuffle_each_iteration"].b:
+                found.append("shuffle (even with reshuffle_each_iteration=False the order "
+                             "is not the source order)")
+            else:
+                found.append(_REORDERING_OPS[n.op])
+        elif n.op in _PARALLEL_OPS:
+            det = n.attr["deterministic"].s.decode() if "deterministic" in n.attr else ""
+            sloppy = "sloppy" in n.attr and n.attr["sloppy"].b
+            if det == "false" or sloppy or (det == "default" and nondeterministic_default):
+                found.append(_PARALLEL_OPS[n.op])
+    return sorted(set(found))
+
+
+def is_batched(ds: tf.data.Dataset) -> bool:
+    """Whether the last batching-related op of `ds`'s main chain batches."""
+    graph = _dataset_graph(ds)
+    by_name = {n.name: n for n in graph.node}
+    node = next((n for n in graph.node if n.op == "_Retval"), None)
+    while node is not None:
+        if node.op in _BATCHING_OPS:
+            return True
+        if node.op in _UNBATCHING_OPS:
+            return False
+        inputs = [i for i in node.input if not i.startswith("^")]
+        node = by_name.get(inputs[0].split(":")[0]) if inputs else None
+    return False
+
+
 def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.Dataset:
+    if is_batched(ds):
+        raise ValueError(
+            "keras_sie.with_ids: this dataset is already batched, so ids would be given to "
+            "whole batches instead of samples. Call with_ids before .batch() "
+            "(keras_sie.with_ids(ds).shuffle(...).batch(...)), or .unbatch() first (only if "
+            "nothing before the batch shuffles)."
+        )
+    reordering = reordering_ops(ds)
+    if reordering:
+        raise ValueError(
+            "keras_sie.with_ids: the dataset's order changes from epoch to epoch before the "
+            f"ids are attached ({'; '.join(reordering)}), so id k would be a different row in "
+            "each epoch and every score would be wrong. Attach ids at the source, before any "
+            "shuffle (keras_sie.with_ids(source_ds).shuffle(...).batch(...); for "
+            "make_csv_dataset pass shuffle=False and shuffle after with_ids), or use an "
+            "id/key column the data already carries (its name as "
+            "SampleImportance(id_key=...), key_mapping='hash' for arbitrary keys)."
+        )
+
     def add(i, element):
         i = tf.cast(i, tf.int64) + start
         if isinstance(element, tuple) and len(element) in (2, 3):
@@ -93,6 +211,49 @@ def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.D
         return _attach(element, i, id_key)
 
     return ds.enumerate().map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def without_ids(x: Any, id_key: str = DEFAULT_ID_KEY) -> Any:
+    """Takes the sample ids off inputs made for a `fit` with `SampleImportance`.
+
+    Use it to `evaluate` or `predict` on the same data: Keras feeds a dict
+    entry the model does not expect to the model by position (a functional
+    model with dict inputs then reads the id column in place of a feature),
+    and a `keras_sie.with_ids(x)` wrapper is not model input at all.
+
+    Args:
+        x: What `with_ids` returned (arrays, dict of arrays, or a
+            `tf.data.Dataset` of `x`, `(x, y)` or `(x, y, sample_weight)`,
+            batched or not), or dict inputs that carry an `id_key` entry.
+        id_key: Name of the id entry. Defaults to `"sample_id"`.
+
+    Returns:
+        The same inputs without the id: the original array/list/dict for
+        in-memory inputs, a mapped dataset for a `tf.data.Dataset`. Inputs
+        without an id are returned unchanged.
+
+    Example:
+
+    ```python
+    x_ids = keras_sie.with_ids(x_train)
+    model.fit(x_ids, y_train, callbacks=[keras_sie.SampleImportance()])
+    model.evaluate(keras_sie.without_ids(x_ids), y_train)
+    ```
+    """
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        if not has_ids(dataset_x_spec(x), id_key):
+            return x
+
+        def drop(*element):
+            if len(element) == 1:
+                return split_ids(element[0], id_key)[0]
+            if isinstance(spec, tuple) and len(spec) in (2, 3):
+                return (split_ids(element[0], id_key)[0],) + tuple(element[1:])
+            return split_ids(element, id_key)[0]
+
+        return x.map(drop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return split_ids(x, id_key)[0]
 
 
 def split_ids(x: Any, id_key: str = DEFAULT_ID_KEY) -> tuple[Any, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_sie import scores as scores_lib
+from keras_sie.score_record import EpochScores, ScoreRecord
 
 RUN_SUBDIR = "keras_sie"
 MANIFEST = "run.json"
@@ -158,96 +158,83 @@ def read_epoch(log_dir: str, epoch: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-class Run:
-    """A keras_sie run read back from disk (see `keras_sie.load`).
-
-    Attributes:
-        log_dir: The folder given to `load`.
-        epochs: Sorted epoch numbers with a complete epoch file.
-        keys: Original sample keys by slot (hash mode), else None (slot = id).
-        feature_names: Feature group names of the latest epoch.
-        manifest: The run's configuration as recorded.
-    """
-
-    def __init__(self, log_dir: str, epochs: dict[int, dict[str, np.ndarray]], manifest: dict):
-        self.log_dir = log_dir
-        self._epochs = epochs
-        self.epochs = sorted(epochs)
-        self.manifest = manifest
-        last = epochs[self.epochs[-1]]
-        self.keys = last.get("keys")
-        names = last.get("feature_names")
-        self.feature_names = [str(s) for s in names] if names is not None else []
-
-    def __repr__(self) -> str:
-        return f"Run({self.log_dir!r}, epochs={self.epochs}, num_samples={self.num_samples})"
-
-    @property
-    def num_samples(self) -> int:
-        return int(self._epochs[self.epochs[-1]]["importance"].shape[0])
-
-    def arrays(self, epoch: int | None = None) -> dict[str, np.ndarray]:
-        """All arrays stored for one epoch (the latest by default)."""
-        epoch = self.epochs[-1] if epoch is None else epoch
-        if epoch not in self._epochs:
-            raise KeyError(f"epoch {epoch} not in run (epochs: {self.epochs})")
-        return self._epochs[epoch]
-
-    def importance(self, epoch: int | None = None) -> np.ndarray:
-        """Normalized importance of one epoch (the latest by default)."""
-        return self.arrays(epoch)["importance"]
-
-    def visits(self, epoch: int | None = None) -> np.ndarray:
-        return self.arrays(epoch)["visits"]
-
-    @property
-    def aggregate_epochs(self) -> int | None:
-        """How many leading epochs the aggregate averages (None: all), as recorded."""
-        value = self.manifest.get("aggregate_epochs")
-        return int(value) if isinstance(value, int) and value > 0 else None
-
-    def aggregate(self, first: int | None | str = "recorded") -> np.ndarray:
-        """Cross-epoch aggregate: mean of per-epoch importance, renormalized.
-
-        Args:
-            first: Average the first `first` epochs; None for all; "recorded"
-                (default) uses the run's `aggregate_epochs` setting.
-        """
-        n = self.aggregate_epochs if first == "recorded" else first
-        return scores_lib.aggregate([self.importance(e) for e in self.epochs], first=n)
-
-    def sample_keys(self) -> np.ndarray:
-        """Key of every slot: the original keys in hash mode, else 0..N-1."""
-        n = self.num_samples
-        if self.keys is None:
-            return np.arange(n, dtype=np.int64)
-        keys = self.keys
-        if len(keys) < n:  # slots never used have no key
-            if keys.dtype.kind in "US":
-                pad = np.full(n - len(keys), "", dtype=keys.dtype)
-            else:
-                pad = np.full(n - len(keys), -1, dtype=keys.dtype)
-            keys = np.concatenate([keys, pad])
-        return keys
-
-    def feature_importance(self, epoch: int | None = None) -> dict[str, float]:
-        """Share of sum_i |g_ij| per feature group (sums to 1)."""
-        a = self.arrays(epoch)
-        if "feature_sums" not in a or "feature_names" not in a:
-            return {}
-        sums = np.asarray(a["feature_sums"], dtype=np.float64)
-        total = sums.sum()
-        names = [str(s) for s in a["feature_names"]]
-        return {n: float(s / total) if total > 0 else 0.0 for n, s in zip(names, sums)}
-
-    def top_k(self, k: int = 10, epoch: int | None = None, largest: bool = True) -> list[tuple]:
-        """[(key, score, visits)] of the k most (or least) important visited samples."""
-        return scores_lib.top_k_rows(
-            self.importance(epoch), self.visits(epoch), self.sample_keys(), k, largest
-        )
+def epoch_arrays(scores: EpochScores, keys: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The arrays of one epoch file."""
+    arrays = {
+        "importance": np.asarray(scores.importance, np.float32),
+        "sums": np.asarray(scores.sums, np.float32),
+        "visits": np.asarray(scores.visits),
+        "feature_sums": np.asarray(scores.feature_sums, np.float64),
+        "feature_names": np.array(list(scores.feature_names), dtype=str),
+        "summary_names": np.array(list(scores.summary), dtype=str),
+        "summary_values": np.array(list(scores.summary.values()), dtype=np.float64),
+        "fault_names": np.array(list(scores.faults), dtype=str),
+        "fault_values": np.array(list(scores.faults.values()), dtype=np.int64),
+        "keras_epoch": np.array(-1 if scores.keras_epoch is None else scores.keras_epoch),
+    }
+    if keys is not None:
+        arrays["keys"] = np.asarray(keys)
+    if scores.task_importance:
+        arrays["task_names"] = np.array(list(scores.task_importance), dtype=str)
+        arrays["task_importance"] = np.stack(list(scores.task_importance.values()), axis=1)
+    return arrays
 
 
-def load(log_dir: str) -> Run:
+def epoch_from_arrays(arrays: dict[str, np.ndarray]) -> EpochScores:
+    """The `EpochScores` stored in one epoch file."""
+
+    def names(key):
+        return tuple(str(s) for s in arrays[key]) if key in arrays else ()
+
+    summary = dict(zip(names("summary_names"), (float(v) for v in arrays.get(
+        "summary_values", np.zeros(0)))))
+    faults = dict(zip(names("fault_names"), (int(v) for v in arrays.get(
+        "fault_values", np.zeros(0, np.int64)))))
+    tasks = {}
+    if "task_names" in arrays and "task_importance" in arrays:
+        for k, name in enumerate(names("task_names")):
+            tasks[name] = arrays["task_importance"][:, k]
+    keras_epoch = int(arrays["keras_epoch"]) if "keras_epoch" in arrays else -1
+    return EpochScores(
+        importance=np.asarray(arrays["importance"], np.float32),
+        visits=np.asarray(arrays["visits"], np.int64),
+        sums=np.asarray(arrays["sums"], np.float32),
+        feature_names=names("feature_names"),
+        feature_sums=np.asarray(arrays.get("feature_sums", np.zeros(0)), np.float64),
+        summary=summary,
+        faults=faults,
+        task_importance=tasks,
+        keras_epoch=None if keras_epoch < 0 else keras_epoch,
+    )
+
+
+def read_record(log_dir: str) -> ScoreRecord:
+    """Every complete epoch file under `log_dir` as one `ScoreRecord`."""
+    manifest = read_manifest(log_dir)
+    epochs = list_epochs(log_dir)
+    data = {e: read_epoch(log_dir, e) for e in epochs}
+    last = data[epochs[-1]]
+    aggregate = manifest.get("aggregate_epochs", 3)
+    record = ScoreRecord(
+        int(last["importance"].shape[0]),
+        keys=last.get("keys"),
+        aggregate_epochs=int(aggregate) if isinstance(aggregate, int) and aggregate > 0 else None,
+        id_key=str(manifest.get("id_key", "sample_id")),
+        key_mapping=str(manifest.get("key_mapping", "index")),
+        log_dir=log_dir,
+        manifest=manifest,
+    )
+    for e in epochs:
+        if data[e]["importance"].shape != last["importance"].shape:
+            raise CorruptRunError(
+                f"{epoch_path(log_dir, e)} has {data[e]['importance'].shape[0]} samples, the "
+                f"latest epoch has {last['importance'].shape[0]}."
+            )
+        record.add(e, epoch_from_arrays(data[e]))
+    return record
+
+
+def load(log_dir: str | os.PathLike) -> ScoreRecord:
     """Reads a run written by `SampleImportance(log_dir=...)`.
 
     Only complete epoch files are read (they are written atomically); files
@@ -258,8 +245,8 @@ def load(log_dir: str) -> Run:
             subfolder).
 
     Returns:
-        A `keras_sie.Run` with per-epoch importance, visits, keys and
-        per-feature importance.
+        A `keras_sie.ScoreRecord`: the same class, with the same names, as
+        `SampleImportance.record` of the live callback.
 
     Raises:
         FileNotFoundError: no run (no epoch file) under `log_dir`.
@@ -268,8 +255,8 @@ def load(log_dir: str) -> Run:
     Example:
 
     ```python
-    run = keras_sie.load("logs")
-    print(run.epochs, run.top_k(5))
+    record = keras_sie.load("logs")
+    print(record.epochs, record.top_k(5))
     ```
     """
     log_dir = os.fspath(log_dir)
@@ -285,6 +272,4 @@ def load(log_dir: str) -> Run:
             f"No keras_sie run under {log_dir!r}: no {RUN_SUBDIR}/epoch_*.npz file. Pass the "
             "log_dir given to SampleImportance, after at least one finished epoch."
         )
-    manifest = read_manifest(log_dir)
-    data = {e: read_epoch(log_dir, e) for e in epochs}
-    return Run(log_dir, data, manifest)
+    return read_record(log_dir)

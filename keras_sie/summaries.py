@@ -10,7 +10,8 @@ Tags (see the README's table):
 * `importance/gini`, `importance/top1pct_share`, `importance/effective_sample_size`,
   `importance/entropy`, `importance/visited_samples`, `importance/unvisited_samples`
 * `importance/top_k`  markdown table of the top-k samples (key, score, visits)
-* `faults/nonfinite_rows`, `faults/invalid_id_rows`, `faults/dropped_key_rows`
+* `faults/nonfinite_rows`, `faults/invalid_id_rows`, `faults/dropped_key_rows`,
+  `faults/skipped_steps` (steps a loss-scale optimizer skipped for overflow)
 * `features/<name>`  share of sum_i |g_ij| per feature group; `features/table` text
 * `importance/data_map`  the data-map image (matplotlib extra)
 * `tasks/<output>/distribution|gini|top1pct_share`  per-output scores (multi-output models)

@@ -139,7 +139,7 @@ def test_arbitrary_keys_land_on_the_right_samples(kind, tmp_path):
     assert sie.top_k(1)[0][0] == keys.tolist()[best]
     run = keras_sie.load(str(tmp_path))
     assert run.top_k(1)[0][0] == keys.tolist()[best]
-    assert sorted(run.sample_keys().tolist()) == sorted(keys.tolist())
+    assert sorted(run.keys.tolist()) == sorted(keys.tolist())
 
 
 def test_capacity_overflow_stops_counting_new_keys_and_says_how_many():
@@ -150,7 +150,7 @@ def test_capacity_overflow_stops_counting_new_keys_and_says_how_many():
     with pytest.warns(RuntimeWarning, match=r"key buffer is full \(50 keys\); 20 rows"):
         model.fit(dict(x, sample_id=keys), y, batch_size=10, shuffle=False, callbacks=[sie],
                   verbose=0)
-    assert sie._faults["dropped_key_rows"] == 20
+    assert sie.faults["dropped_key_rows"] == 20
     assert (sie.visits == 1).all()  # the first 50 keys, each counted once
     assert sie.keys.tolist() == keys[:50].tolist()
 

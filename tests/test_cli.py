@@ -83,7 +83,7 @@ def test_report_text_shows_epochs_summary_histogram_and_tables(runs):
     out = r.stdout
     assert "epochs: 0, 1, 2" in out
     assert "samples: 120 (90 scored, 30 not visited)" in out
-    summary = scores_lib.summarize(run.importance(), run.visits())
+    summary = scores_lib.summarize(run.importance, run.visits)
     assert f"{summary['gini']:.4g}" in out
     # Histogram: its counts add up to the scored samples.
     hist = out.split("histogram of importance")[1].split("top 5")[0].strip().splitlines()[1:]
@@ -107,7 +107,7 @@ def test_report_json_matches_the_run_for_one_epoch_via_python_m(runs):
     assert [t["key"] for t in out["bottom"]] == [
         k for k, _, _ in run.top_k(4, epoch=0, largest=False)]
     assert out["top"][0]["importance"] == pytest.approx(run.top_k(1, epoch=0)[0][1])
-    expected = scores_lib.summarize(run.importance(0), run.visits(0))
+    expected = scores_lib.summarize(run.epoch(0).importance, run.epoch(0).visits)
     assert out["summary"] == pytest.approx(expected)
     assert len(out["per_epoch"]) == 3
     # The keras_sie/ subfolder is accepted too.
@@ -126,8 +126,8 @@ def test_export_csv_npz_parquet_round_trip_exactly(runs, tmp_path):
     assert list(rows[0]) == ["epoch", "key", "importance", "visits", "grad_sum"]
     for e in run.epochs:
         mine = [row for row in rows if int(row["epoch"]) == e]
-        np.testing.assert_array_equal([float(m["importance"]) for m in mine], run.importance(e))
-        np.testing.assert_array_equal([int(m["visits"]) for m in mine], run.visits(e))
+        np.testing.assert_array_equal([float(m["importance"]) for m in mine], run.epoch(e).importance)
+        np.testing.assert_array_equal([int(m["visits"]) for m in mine], run.epoch(e).visits)
         np.testing.assert_array_equal([int(m["key"]) for m in mine], np.arange(N))
 
     r = _cli("export", a, "--format", "npz", "--epoch", "1", "-o", tmp_path / "e1.npz",
@@ -135,8 +135,8 @@ def test_export_csv_npz_parquet_round_trip_exactly(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "e1.npz", allow_pickle=False) as z:
         assert z["epochs"].tolist() == [1]
-        np.testing.assert_array_equal(z["importance"][0], run.importance(1))
-        np.testing.assert_array_equal(z["grad_sum"][0], run.arrays(1)["sums"])
+        np.testing.assert_array_equal(z["importance"][0], run.epoch(1).importance)
+        np.testing.assert_array_equal(z["grad_sum"][0], run.epoch(1).sums)
         np.testing.assert_array_equal(z["keys"], np.arange(N))
         assert z["feature_importance"][0].sum() == pytest.approx(1.0)
 
@@ -145,7 +145,7 @@ def test_export_csv_npz_parquet_round_trip_exactly(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     table = pq.read_table(tmp_path / "all.parquet").to_pydict()
     assert len(table["key"]) == 3 * N
-    np.testing.assert_array_equal(np.asarray(table["importance"][-N:]), run.importance(2))
+    np.testing.assert_array_equal(np.asarray(table["importance"][-N:]), run.epoch(2).importance)
     np.testing.assert_array_equal(table["epoch"][:N], [0] * N)
 
 
@@ -172,8 +172,8 @@ def test_diff_reports_rank_correlation_and_top_k_overlap(runs):
     r = _cli("diff", a, b, "-k", "10", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    ia, ib = keras_sie.load(a).importance(), keras_sie.load(b).importance()
-    scored = keras_sie.load(a).visits() > 0
+    ia, ib = keras_sie.load(a).importance, keras_sie.load(b).importance
+    scored = keras_sie.load(a).visits > 0
     ia, ib = ia[scored], ib[scored]
     assert np.unique(ia).size == ia.size and np.unique(ib).size == ib.size  # no ties
     # Spearman without ties: 1 - 6 sum d^2 / (n (n^2 - 1)).
@@ -239,6 +239,6 @@ def test_string_keys_of_a_hash_run_survive_report_export_and_diff(tmp_path):
     assert sorted(got) == sorted(keys.tolist())
     slot = {k: i for i, k in enumerate(run.keys.tolist())}
     for k, v in got.items():
-        assert v == run.importance(1)[slot[k]]
+        assert v == run.epoch(1).importance[slot[k]]
     r = _cli("diff", log_dir, log_dir, "--epoch-a", "0", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["common"] == 30

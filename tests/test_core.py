@@ -37,7 +37,7 @@ def test_raw_sums_are_per_sample_gradient_independent_of_batch_size(tmp_path):
         _fit(model, x, y, sie, batch_size=batch_size)
         run = keras_sie.load(str(tmp_path / f"b{batch_size}"))
         s = linear_oracle(model, x, y)
-        np.testing.assert_allclose(run.arrays()["sums"], s, rtol=1e-5)
+        np.testing.assert_allclose(run.epoch().sums, s, rtol=1e-5)
 
 
 def test_sample_weight_and_class_weight_enter_the_score():
@@ -204,5 +204,5 @@ def test_aggregate_averages_the_first_epochs_by_default(first, tmp_path):
     expected = np.mean(used, axis=0)
     expected /= expected.sum()
     np.testing.assert_allclose(sie.aggregate, expected, rtol=1e-6)
-    np.testing.assert_allclose(keras_sie.load(str(tmp_path)).aggregate(), expected, rtol=1e-6)
+    np.testing.assert_allclose(keras_sie.load(str(tmp_path)).aggregate, expected, rtol=1e-6)
     assert not np.allclose(sie.aggregate, sie.importance)  # not just the last epoch

@@ -127,10 +127,10 @@ def test_a_failing_drawing_turns_off_only_the_picture(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no canvas")
 
-    monkeypatch.setattr("keras_sie.callback.render_data_map", broken)
+    monkeypatch.setattr("keras_sie.reporting.render_data_map", broken)
     with pytest.warns(RuntimeWarning, match="drawing the data map failed .*no canvas"):
         sie = _fit(tmp_path)
-    assert sie.data_map is False
+    assert sie._reporter.data_map is False  # the picture only; scores go on
     assert sorted(sie.history) == [0, 1]  # scores and other tags still reported
     assert sorted(keras_sie.load(str(tmp_path)).epochs) == [0, 1]
     assert _image_tags(tmp_path) == []
@@ -169,7 +169,8 @@ def test_auto_data_map_keeps_drawing_within_two_percent_of_epoch_time(tmp_path):
     linear_model(lr=0.01).fit(keras_sie.with_ids(x), y, batch_size=16, epochs=4,
                               callbacks=[sie], verbose=0)
     assert _image_steps(tmp_path) == [0]
-    assert sie._map_cost is not None and sie._map_budget < sie._map_cost
+    assert sie._reporter._map_cost is not None
+    assert sie._reporter._map_budget < sie._reporter._map_cost
     # With data_map=True every epoch gets its picture.
     every = keras_sie.SampleImportance(log_dir=str(tmp_path / "every"), data_map=True,
                                        verbose=0)

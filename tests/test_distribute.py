@@ -154,7 +154,7 @@ def test_multi_worker_mirrored_strategy_gives_the_single_device_scores_and_only_
     run = keras_sie.load(str(chief_dir))
     assert run.epochs == [0, 1]
     for e in (0, 1):
-        np.testing.assert_allclose(run.importance(e), ref[f"single_importance_{e}"],
+        np.testing.assert_allclose(run.epoch(e).importance, ref[f"single_importance_{e}"],
                                    rtol=RTOL, atol=ATOL)
     events = list((chief_dir / "keras_sie").rglob("events.out.tfevents.*"))
     assert events, "the chief wrote no TensorBoard events"

@@ -138,7 +138,7 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         if skipped:
             continue
         try:
-            exec(compile(code, f"{rel}:{line}", "exec"), namespace)
+            exec(compile(code, f"{rel}:{line}", "exec"), namespace)  # noqa: S102 - docs code
         except Exception:  # noqa: BLE001 - reported with the block's place in the page
             pytest.fail(
                 f"{rel}: python block {number} (line {line}) failed; fix the example or "
@@ -157,7 +157,7 @@ def test_readme_test_command_is_what_ci_runs():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith(("#", "set ", "cd ", "export "))]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    bash_blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    bash_blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     commands = {line.strip() for block in bash_blocks for line in block.splitlines()}
     missing = [line for line in ci_lines if line not in commands]
     assert ci_lines and not missing, (

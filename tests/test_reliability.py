@@ -145,8 +145,8 @@ def test_nonfinite_gradient_rows_are_excluded_counted_and_warned(tmp_path):
     with pytest.warns(RuntimeWarning, match="2 training rows had a NaN/Inf"):
         model.fit(keras_sie.with_ids(x, id_key="sample_id"), y, batch_size=16, callbacks=[sie],
                   verbose=0)
-    snap = sie._buffer.read()
-    assert np.isfinite(snap.sums).all()
+    assert np.isfinite(sie.record.epoch().sums).all()
+    assert sie.faults["nonfinite_rows"] == 2
     assert sie.visits[4] == 0 and sie.visits[30] == 0
     assert np.isfinite(sie.importance).all()
     # The other samples' scores are exact: sum_j |2 r_i w_j / (2 sqrt x_ij)|.
@@ -336,7 +336,7 @@ def test_sigkill_mid_epoch_keeps_finished_epochs_and_resume_matches_uninterrupte
     run = keras_sie.load(str(log_dir))
     assert run.epochs == [0, 1]  # the killed epoch left no file read as valid
     for e in run.epochs:
-        assert np.isclose(run.importance(e).sum(), 1.0)
+        assert np.isclose(run.epoch(e).importance.sum(), 1.0)
     # A half-written temp file (as a crash during a write would leave) is ignored.
     (log_dir / "keras_sie" / ".tmp-abc.part").write_bytes(b"PK\x03\x04 truncated")
     assert keras_sie.load(str(log_dir)).epochs == [0, 1]
@@ -348,7 +348,7 @@ def test_sigkill_mid_epoch_keeps_finished_epochs_and_resume_matches_uninterrupte
     a, b = keras_sie.load(str(log_dir)), keras_sie.load(str(clean_dir))
     assert a.epochs == b.epochs == [0, 1, 2, 3]
     for e in a.epochs:
-        np.testing.assert_allclose(a.importance(e), b.importance(e), rtol=1e-5)
+        np.testing.assert_allclose(a.epoch(e).importance, b.epoch(e).importance, rtol=1e-5)
     np.testing.assert_allclose(np.load(log_dir / "final_aggregate.npy"),
                                np.load(clean_dir / "final_aggregate.npy"), rtol=1e-5)
 

@@ -42,7 +42,8 @@ SUMMARY_TAGS = [
     "importance/visited_samples",
     "importance/unvisited_samples",
 ]
-FAULT_TAGS = ["faults/nonfinite_rows", "faults/invalid_id_rows", "faults/dropped_key_rows"]
+FAULT_TAGS = ["faults/nonfinite_rows", "faults/invalid_id_rows", "faults/dropped_key_rows",
+              "faults/skipped_steps"]
 FEATURES = ["num", "cat_emb"]
 
 
@@ -71,12 +72,12 @@ def run(tmp_path_factory):
     assert saved.epochs == list(range(EPOCHS))
     expected = {}
     for e in saved.epochs:
-        imp, vis = saved.importance(e), saved.visits(e)
+        imp, vis = saved.epoch(e).importance, saved.epoch(e).visits
         assert (vis == 1).all()  # one full pass per epoch
         rel = (imp[vis > 0] * int((vis > 0).sum())).astype(np.float32)
         expected[e] = {
             "summary": scores_lib.summarize(imp, vis),
-            "features": saved.feature_importance(e),
+            "features": saved.epoch(e).feature_importance,
             "top": saved.top_k(5, epoch=e),
             "rel": rel,
             "image": render_data_map(sie.history, vis, e),

@@ -1,0 +1,844 @@
+"""The Keras 3 (TensorFlow backend) step adapter.
+
+Every touch point on private Keras 3 / TensorFlow internals lives in this
+module, behind `Keras3Adapter.check_supported`, which fails loudly (naming the
+missing attribute and the Keras version) when one is gone:
+
+* an instance-level `train_step` / `test_step` on the model (Keras builds its
+  compiled functions from `self.train_step`), and instance-level
+  `make_train_function` / `make_test_function` guards that take the step off a
+  model whose `fit` no longer has our callback;
+* the fused step is a copy of `TensorFlowTrainer.train_step` (its source hash is
+  pinned in `TRAIN_STEP_SHA256`; a test fails when the installed Keras differs)
+  and uses `_compute_loss`, `_loss_tracker`, `_call_has_training_arg`,
+  `keras.src.losses.loss.unscale_loss_for_distribution`;
+* `fit`'s frame, found by its code object, for the data and callback list;
+* Keras's data adapter (`epoch_iterator.data_adapter`) for generator and
+  `PyDataset` input specs;
+* `_flatten_layers`, `_compile_loss._flat_losses`, layers' `_seed_generators`;
+* `_maybe_symbolic_build` (`prepare_distributed`);
+* the multi-worker check `_collective_all_reduce_multi_worker`.
+
+Why row i of d(batch loss)/dx is the sample's own gradient: Keras's default
+reduction is a mean over the global batch, so row i equals
+sw_i * dl_i/dx_i / (B_local * replicas) * loss_scale when samples do not
+interact; `own_loss_scale` undoes exactly the factor each reduction applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_sie import ids as ids_lib
+
+SUPPORTED = "keras>=3.15,<4 with the TensorFlow backend"
+# The fused step copies Keras's own `TensorFlowTrainer.train_step` of this version.
+TRAIN_STEP_COPIED_FROM = "3.15.1"
+TRAIN_STEP_SHA256 = "debf0efab9d5794b017ade2937acbcc51886fc1dc5cf021e7d7e80f974ee707c"
+
+_MODEL_ATTRS = (
+    "_compute_loss",
+    "_loss_tracker",
+    "_call_has_training_arg",
+    "compute_metrics",
+    "make_train_function",
+    "make_test_function",
+    "train_function",
+    "test_function",
+    "_flatten_layers",
+    "_maybe_symbolic_build",
+    "_symbolic_build",
+    "distribute_strategy",
+)
+REDUCTIONS = ("sum_over_batch_size", "sum", "mean_with_sample_weight")
+_INSTALLED_ATTRS = (
+    "train_step",
+    "test_step",
+    "make_train_function",
+    "make_test_function",
+    "_keras_sie_hook",
+)
+
+
+def _private(what: str):
+    """Imports one private Keras module member, or fails naming it."""
+    module_name, _, attr = what.rpartition(".")
+    try:
+        module = __import__(module_name, fromlist=[attr])
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"keras_sie: Keras {keras.__version__} lacks `{what}`, which keras_sie's Keras 3 "
+            f"step adapter uses. keras_sie supports {SUPPORTED}. Install a supported Keras "
+            "version, or remove the callback."
+        ) from e
+
+
+def _trainer_class():
+    return _private("keras.src.backend.tensorflow.trainer.TensorFlowTrainer")
+
+
+def fit_code():
+    """Code object of Keras's `TensorFlowTrainer.fit` (the frame we look for)."""
+    return inspect.unwrap(_trainer_class().fit).__code__
+
+
+def train_step_source() -> str:
+    return inspect.getsource(_trainer_class().train_step)
+
+
+def fit_locals_of(model: Any) -> dict[str, Any] | None:
+    """Local variables of the `fit` call running on `model`, found by code object.
+
+    Callbacks never see `fit`'s data or callback list; this lets the callback
+    check ids before any compute and lets the installed step tell whether its
+    callback still takes part. Returns None outside `fit` (evaluate, predict,
+    custom loops) and in threads that have no `fit` frame.
+    """
+    code = fit_code()
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code is code and f.f_locals.get("self") is model:
+                return dict(f.f_locals)
+            f = f.f_back
+    finally:
+        del frame
+    return None
+
+
+def _is_float(t) -> bool:
+    return t.dtype.is_floating
+
+
+def row_abs_sum(g: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    """sum_j |g_ij| over every non-batch axis -> [B] float32."""
+    g = tf.abs(tf.cast(g, tf.float32))
+    if mask is not None:
+        # Padded positions (mask_zero) contribute nothing.
+        m = tf.cast(mask, tf.float32)
+        while m.shape.rank < g.shape.rank:
+            m = m[..., None]
+        g = g * m
+    if g.shape.rank == 1:
+        return g
+    return tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)
+
+
+def _multi_worker_reducible(logs):
+    """Step outputs that Keras 3 can average across workers.
+
+    Under `MultiWorkerMirroredStrategy` with several workers, Keras 3 averages
+    each step output with `strategy.reduce("MEAN", v, axis=0)`, which fails on
+    the scalar metrics every step returns (tensorflow/tensorflow#72388). A
+    leading axis of one makes that reduction the mean over replicas.
+    Elsewhere the outputs are returned unchanged.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    multi_worker = getattr(tf_trainer, "_collective_all_reduce_multi_worker", None)
+    if multi_worker is None or not multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return tf.nest.map_structure(
+        lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, logs
+    )
+
+
+class EmbeddingCapture:
+    """Records the outputs (and masks) of Embedding layers during one forward pass.
+
+    Args:
+        layers: The `keras.layers.Embedding` layers to wrap.
+        graph_only: Keep only tensors of the graph that is current when the
+            capture starts (unbuilt models build their layers in a scratch
+            graph during the first forward pass).
+    """
+
+    def __init__(self, layers: list, graph_only: bool = True):
+        self.layers = list(layers)
+        self.graph_only = graph_only
+        self.records: list[tuple[Any, tf.Tensor, tf.Tensor, tf.Tensor | None]] = []
+
+    @contextlib.contextmanager
+    def active(self):
+        patched = []
+        step_graph = tf.compat.v1.get_default_graph()
+        try:
+            for layer in self.layers:
+                original = layer.call
+
+                def wrapped(inputs, *args, __layer=layer, __call=original, **kwargs):
+                    out = __call(inputs, *args, **kwargs)
+                    if not tf.is_tensor(out):
+                        return out
+                    if self.graph_only and tf.compat.v1.get_default_graph() is not step_graph:
+                        return out
+                    mask = None
+                    if getattr(__layer, "mask_zero", False):
+                        mask = tf.not_equal(inputs, 0)
+                    self.records.append((__layer, inputs, out, mask))
+                    return out
+
+                object.__setattr__(layer, "call", wrapped)
+                patched.append(layer)
+            yield self
+        finally:
+            for layer in patched:
+                try:
+                    object.__delattr__(layer, "call")
+                except AttributeError:
+                    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardTrace:
+    """What one symbolic forward pass shows about a model (see `trace_forward`).
+
+    Attributes:
+        calls: One entry per Embedding call: (layer, indices of the input
+            leaves its input depends on, whether its output has the batch as
+            leading axis).
+    """
+
+    calls: tuple[tuple[Any, tuple[int, ...], bool], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What the fused step scores, fixed before tracing.
+
+    Attributes:
+        id_key: Name of the id entry.
+        watched_leaves: Indices into `tf.nest.flatten(x)` of the float inputs scored.
+        leaf_groups: Feature group of each watched leaf.
+        layer_groups: (Embedding layer, feature group) pairs.
+        num_groups: Number of feature groups.
+        reduction: The compiled loss's reduction (see `own_loss_scale`).
+        num_tasks: Outputs scored separately (0: total loss only).
+        mapping: "index" or "hash" (decides the id dtype check).
+        task_names: Output names, in the order per-task sums are stored.
+    """
+
+    id_key: str
+    watched_leaves: tuple[int, ...]
+    leaf_groups: tuple[int, ...]
+    layer_groups: tuple[tuple[Any, int], ...]
+    num_groups: int
+    reduction: str = "sum_over_batch_size"
+    num_tasks: int = 0
+    mapping: str = "index"
+    task_names: tuple[str, ...] = ()
+
+
+def own_loss_scale(ids, loss_scale, reduction: str, sample_weight=None) -> tf.Tensor:
+    """Factor turning row i of d(replica loss)/dx into sample i's own-loss gradient.
+
+    Keras divides each replica's loss by the number of replicas and multiplies
+    it by the optimizer's loss scale under mixed precision. Within a replica,
+    `sum_over_batch_size` divides by the local batch, `sum` does not, and
+    `mean_with_sample_weight` divides by the local sum of sample weights.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    local_batch = tf.cast(tf.shape(tf.reshape(ids, [-1]))[0], tf.float32)
+    if reduction == "sum":
+        per_replica = tf.constant(1.0, tf.float32)
+    elif reduction == "mean_with_sample_weight" and sample_weight is not None:
+        per_replica = tf.reduce_sum(tf.cast(tf.nest.flatten(sample_weight)[0], tf.float32))
+    else:
+        per_replica = local_batch
+    return per_replica * tf.cast(replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
+
+
+def _is_loss_scale_optimizer(optimizer) -> bool:
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+class StepHook:
+    """The fused train step for one model in one `fit`.
+
+    Created by the callback with everything it needs; `install()` puts the
+    step on the model, `uninstall()` takes it off (also done automatically when
+    anything raises inside the step, and by the `make_*_function` guards when
+    a later `fit`/`evaluate` runs without the owning callback).
+
+    Args:
+        adapter: The model's `Keras3Adapter`.
+        buffer: The `ImportanceBuffer` the step accumulates into.
+        plan: What to score (`StepPlan`).
+        owner: The callback that owns this step.
+    """
+
+    def __init__(self, adapter: Keras3Adapter, buffer, plan: StepPlan, owner: Any):
+        self.adapter = adapter
+        self.model = adapter.model
+        self.buffer = buffer
+        self.plan = plan
+        self.owner = owner
+        self.fused = adapter.train_step_is_default()
+        self.installed = False
+
+    # -------------------------------------------------------------- install
+    def install(self) -> None:
+        model = self.model
+        if self.fused:
+            object.__setattr__(model, "train_step", self._train_step)
+        object.__setattr__(model, "test_step", self._test_step)
+        object.__setattr__(model, "make_train_function", self._guarded("make_train_function"))
+        object.__setattr__(model, "make_test_function", self._guarded("make_test_function"))
+        object.__setattr__(model, "_keras_sie_hook", self)
+        model.train_function = None
+        model.test_function = None
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.adapter.restore()
+            self.installed = False
+
+    def _guarded(self, name: str):
+        model = self.model
+
+        def make_function(force: bool = False):
+            if not self._owner_in_running_fit():
+                # A crash skipped on_train_end; this fit/evaluate is not ours.
+                self.uninstall()
+            return getattr(type(model), name)(model, force=force)
+
+        return make_function
+
+    def _owner_in_running_fit(self) -> bool:
+        fit_locals = fit_locals_of(self.model)
+        if fit_locals is None:
+            return False
+        callbacks = getattr(fit_locals.get("callbacks"), "callbacks", None)
+        return callbacks is not None and any(cb is self.owner for cb in callbacks)
+
+    # ---------------------------------------------------------------- steps
+    def _split(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, ids = ids_lib.split_ids(x, self.plan.id_key)
+        return x, y, sample_weight, ids
+
+    def _test_step(self, data):
+        x, y, sample_weight, _ = self._split(data)
+        model = self.model
+        return _multi_worker_reducible(
+            type(model).test_step(model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+        )
+
+    def check_ids(self, ids) -> None:
+        """Trace-time checks of the id tensor (raise with the fix)."""
+        key = self.plan.id_key
+        if ids is None:
+            raise ValueError(
+                f"SampleImportance: the training batches carry no {key!r} entry, so scores "
+                "cannot be tied to samples. Wrap the inputs with `keras_sie.with_ids(x)`, or "
+                "add an id feature to your dict inputs and pass its name as `id_key`."
+            )
+        if self.plan.mapping == "index" and not ids.dtype.is_integer:
+            raise TypeError(
+                f"Sample ids ({key!r}) have dtype {ids.dtype.name}; expected integers "
+                "0..num_samples-1. Use keras_sie.with_ids(x), cast the ids to int64, or pass "
+                "key_mapping='hash' for arbitrary int64/string keys."
+            )
+        if self.plan.mapping == "hash" and not (ids.dtype.is_integer or ids.dtype == tf.string):
+            raise TypeError(
+                f"Sample keys ({key!r}) have dtype {ids.dtype.name}; hash keys must be "
+                "integers or strings."
+            )
+
+    def _train_step(self, data):
+        try:
+            return self._fused_train_step(data)
+        except BaseException:
+            self.uninstall()  # leave the model as we found it
+            raise
+
+    def _fused_train_step(self, data):
+        from keras.src.losses import loss as loss_module
+
+        model = self.model
+        plan = self.plan
+        x, y, sample_weight, ids = self._split(data)
+        self.check_ids(ids)
+        leaves = tf.nest.flatten(x)
+        watched = [leaves[i] for i in plan.watched_leaves]
+        capture = EmbeddingCapture([layer for layer, _ in plan.layer_groups])
+        per_task = plan.num_tasks > 1
+        with tf.GradientTape(persistent=per_task) as tape:
+            for leaf in watched:
+                tape.watch(leaf)
+            with capture.active():
+                if model._call_has_training_arg:
+                    y_pred = model(x, training=True)
+                else:
+                    y_pred = model(x)
+            loss = model._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            model._loss_tracker.update_state(
+                loss_module.unscale_loss_for_distribution(loss),
+                sample_weight=tf.shape(next(i for i in leaves if i is not None))[0],
+            )
+            if model.optimizer is not None:
+                loss = model.optimizer.scale_loss(loss)
+            task_losses = (
+                _per_output_losses(model, y, y_pred, sample_weight, plan.task_names)
+                if per_task else None
+            )
+
+        # The loss scale this step used (read before apply_gradients changes it).
+        loss_scale = tf.constant(1.0, tf.float32)
+        if model.optimizer is not None:
+            loss_scale = model.optimizer.scale_loss(tf.constant(1.0, tf.float32))
+
+        trainable = model.trainable_weights
+        emb_outputs = [out for _, _, out, _ in capture.records]
+        gradients = tape.gradient(loss, list(trainable) + watched + emb_outputs)
+        n_w = len(trainable)
+        weight_grads = gradients[:n_w]
+        rows = self._group_rows(ids, watched, capture.records, gradients[n_w:])
+
+        task_rows = None
+        if task_losses:
+            if len(task_losses) != plan.num_tasks:
+                raise RuntimeError(
+                    f"keras_sie: expected {plan.num_tasks} per-output losses, found "
+                    f"{len(task_losses)}. Pass per_task=False to SampleImportance."
+                )
+            task_rows = []
+            for task_loss in task_losses:
+                if model.optimizer is not None:
+                    task_loss = model.optimizer.scale_loss(task_loss)
+                g = tape.gradient(task_loss, watched + emb_outputs)
+                task_rows.append(tf.add_n(self._group_rows(ids, watched, capture.records, g)))
+        if per_task:
+            del tape
+
+        step_ok = None
+        if _is_loss_scale_optimizer(model.optimizer):
+            # The optimizer skips this step when a weight gradient overflowed:
+            # such a step is neither counted nor a NaN/Inf fault.
+            step_ok = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in weight_grads if g is not None]
+            )
+        scale = own_loss_scale(ids, loss_scale, plan.reduction, sample_weight)
+        self.buffer.accumulate(ids, rows, scale, task_rows, step_ok=step_ok)
+
+        if trainable:
+            model.optimizer.apply_gradients(zip(weight_grads, trainable))
+        else:
+            warnings.warn("The model does not have any trainable weights.")
+        return _multi_worker_reducible(
+            model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        )
+
+    def _group_rows(self, ids, watched, records, grads) -> list[tf.Tensor]:
+        """[B] row sums of |gradient| per feature group, in plan order."""
+        plan = self.plan
+        batch = tf.shape(tf.reshape(ids, [-1]))[0]
+        groups: list[tf.Tensor | None] = [None] * plan.num_groups
+
+        def add(group, row):
+            groups[group] = row if groups[group] is None else groups[group] + row
+
+        for leaf, group, g in zip(watched, plan.leaf_groups, grads[: len(watched)]):
+            if g is not None:
+                add(group, row_abs_sum(g))
+        layer_group = {id(layer): group for layer, group in plan.layer_groups}
+        for (layer, _, _, mask), g in zip(records, grads[len(watched):]):
+            if g is None:
+                continue
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            add(layer_group[id(layer)], row_abs_sum(g, mask))
+        return [g if g is not None else tf.zeros([batch], tf.float32) for g in groups]
+
+    def record(self, sample_ids, input_gradients, loss_scale=1.0) -> None:
+        """The `keras_sie.record` path for models with their own `train_step`."""
+        self.check_ids(sample_ids)
+        leaves = tf.nest.flatten(input_gradients)
+        scale = own_loss_scale(sample_ids, loss_scale, self.plan.reduction)
+        self.buffer.accumulate(sample_ids, [row_abs_sum(g) for g in leaves], scale)
+
+
+def _per_output_losses(model, y, y_pred, sample_weight, task_names: Sequence[str]
+                       ) -> list[tf.Tensor] | None:
+    """loss_weight * batch loss of each output of a multi-output model.
+
+    Computed with the compiled per-output loss functions (the same ones Keras
+    sums), not through `compute_loss`, which would update the per-output loss
+    metrics a second time.
+    """
+    from keras.src import tree
+    from keras.src.losses import loss as loss_module
+
+    compile_loss = getattr(model, "_compile_loss", None)
+    flat_losses = getattr(compile_loss, "_flat_losses", None)
+    if not flat_losses:
+        return None
+    if isinstance(y_pred, dict) and isinstance(y, (list, tuple)):
+        y = dict(zip(compile_loss.output_names, y))
+    elif isinstance(y_pred, (list, tuple)) and isinstance(y, dict):
+        y = [y[name] for name in compile_loss.output_names]
+    out = []
+    for path, loss_fn, loss_weight, _ in flat_losses:
+        y_t, y_p = y, y_pred
+        for key in path:
+            y_t, y_p = y_t[key], y_p[key]
+        sw = sample_weight
+        if sample_weight is not None and tree.is_nested(sample_weight):
+            for key in path:
+                sw = sw[key]
+        value = tf.cast(loss_fn(y_t, y_p, sw), tf.float32)
+        if loss_weight is not None:
+            value = value * loss_weight
+        name = path[-1] if path and isinstance(path[-1], str) else None
+        out.append((name, loss_module.scale_loss_for_distribution(value)))
+    if all(name in task_names for name, _ in out) and len(out) == len(task_names):
+        out.sort(key=lambda item: task_names.index(item[0]))  # the plan's order
+    return [value for _, value in out]
+
+
+class Keras3Adapter:
+    """Everything keras_sie needs from a Keras 3 model, in one place.
+
+    Args:
+        model: A Keras 3 model (TensorFlow backend).
+    """
+
+    generation = "keras3"
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+
+    # -------------------------------------------------------------- support
+    def check_supported(self) -> None:
+        """Fails loudly, naming the attribute and the Keras version, when one is gone."""
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                f"keras_sie needs the TensorFlow backend of Keras 3; KERAS_BACKEND is "
+                f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing "
+                "keras."
+            )
+        for name in _MODEL_ATTRS:
+            if not hasattr(self.model, name):
+                raise RuntimeError(
+                    f"keras_sie: Keras {keras.__version__} models lack `{name}`, which "
+                    f"keras_sie's Keras 3 step adapter uses. keras_sie supports {SUPPORTED}. "
+                    "Install a supported Keras version, or remove the callback."
+                )
+        for what in (
+            "keras.src.backend.tensorflow.trainer.TensorFlowTrainer",
+            "keras.src.losses.loss.unscale_loss_for_distribution",
+            "keras.src.losses.loss.scale_loss_for_distribution",
+            "keras.src.tree.is_nested",
+        ):
+            _private(what)
+
+    def train_step_is_default(self) -> bool:
+        return type(self.model).train_step is _trainer_class().train_step
+
+    # ------------------------------------------------------------- fit frame
+    def fit_locals(self) -> dict[str, Any] | None:
+        return fit_locals_of(self.model)
+
+    @staticmethod
+    def fit_callbacks(fit_locals: dict[str, Any]) -> list:
+        return list(getattr(fit_locals.get("callbacks"), "callbacks", None) or [])
+
+    @staticmethod
+    def data_adapter(fit_locals: dict[str, Any]):
+        iterator = fit_locals.get("epoch_iterator")
+        return getattr(iterator, "data_adapter", None)
+
+    def adapter_element_spec(self, fit_locals: dict[str, Any]):
+        """Element spec of Keras's own data adapter (generators, PyDataset)."""
+        adapter = self.data_adapter(fit_locals)
+        if adapter is None:
+            return None
+        return adapter.get_tf_dataset().element_spec
+
+    def adapter_first_batch(self, fit_locals: dict[str, Any]):
+        """A batch Keras already holds (generator peek) or can index (PyDataset)."""
+        adapter = self.data_adapter(fit_locals)
+        first = getattr(adapter, "_first_batches", None)
+        if first:
+            return first[0]
+        py_dataset = getattr(adapter, "py_dataset", None)
+        if py_dataset is not None:
+            return py_dataset[0]
+        return None
+
+    # ----------------------------------------------------------- the model
+    @property
+    def strategy(self):
+        return self.model.distribute_strategy
+
+    def is_default_strategy(self) -> bool:
+        return type(self.strategy).__name__ == "_DefaultDistributionStrategy"
+
+    def all_layers(self) -> list:
+        return list(self.model._flatten_layers(include_self=False, recursive=True))
+
+    def embedding_layers(self) -> list:
+        return [layer for layer in self.all_layers() if isinstance(layer, keras.layers.Embedding)]
+
+    def loss_reductions(self) -> list[str]:
+        """Reduction of every compiled loss (user's `compile(loss=...)`)."""
+        from keras.src import tree
+
+        spec = getattr(self.model, "loss", None)
+        if spec is None:
+            return []
+        out = []
+        for loss in tree.flatten(spec):
+            if loss is None:
+                continue
+            out.append(getattr(loss, "reduction", "sum_over_batch_size"))
+        return out
+
+    def overrides_compute_loss(self) -> bool:
+        return type(self.model).compute_loss is not keras.Model.compute_loss
+
+    def output_names(self) -> list[str]:
+        try:
+            outputs = self.model.outputs or []
+        except (AttributeError, ValueError):
+            outputs = []
+        names = list(getattr(self.model, "output_names", None) or [])
+        if len(names) == len(outputs):
+            return [str(n) for n in names]
+        return [f"output_{k}" for k in range(len(outputs))]
+
+    def input_names(self, x_structure: Any) -> list[str]:
+        """One name per leaf of `x` (dict keys; functional input names; positions)."""
+        if isinstance(x_structure, dict):
+            return [str(k) for k in sorted(x_structure.keys())]  # tf.nest sorts dict keys
+        leaves = tf.nest.flatten(x_structure)
+        names = None
+        try:
+            inputs = self.model.inputs
+            if inputs is not None and len(inputs) == len(leaves):
+                # The Input layer's name ("features"; "input_layer" when auto-named).
+                names = [
+                    getattr(getattr(t, "_keras_history", [None])[0], "name", None)
+                    or getattr(t, "name", None)
+                    for t in inputs
+                ]
+        except (AttributeError, ValueError):
+            names = None
+        if not names or any(n is None for n in names):
+            names = ["input"] if len(leaves) == 1 else [f"input_{i}" for i in range(len(leaves))]
+        return [str(n).split(":")[0] for n in names]
+
+    def trace_forward(self, x_spec: Any) -> ForwardTrace:
+        """Traces one symbolic training-mode forward pass (nothing runs).
+
+        Follows each Embedding call's input back through the traced graph to
+        the model inputs it depends on, through custom layers and nested
+        sub-models alike.
+        """
+        model = self.model
+        flat_specs = tf.nest.flatten(x_spec)
+        layers = self.embedding_layers()
+        found: dict[str, Any] = {}
+
+        def forward(*flat):
+            x = tf.nest.pack_sequence_as(x_spec, list(flat))
+            capture = EmbeddingCapture(layers)
+            with capture.active():
+                if model._call_has_training_arg:
+                    model(x, training=True)
+                else:
+                    model(x)
+            found["records"] = capture.records
+            return tf.constant(0)
+
+        with self.strategy.scope():
+            concrete = tf.function(forward, autograph=False).get_concrete_function(*flat_specs)
+        placeholders = {t.op.name: i for i, t in enumerate(concrete.graph.inputs[: len(flat_specs)])}
+        calls = []
+        for layer, inputs, out, _ in found.get("records", []):
+            calls.append((layer, _ancestor_leaves(inputs, placeholders), out.shape.rank is not None
+                          and out.shape.rank >= 1 and out.shape[0] is None))
+        return ForwardTrace(tuple(calls))
+
+    def forward_gradients(self, x, y, sample_weight, float_leaves: list[int], layers: list):
+        """Eager training-mode forward + loss gradient for the coupling probe.
+
+        Returns (flat outputs, [d loss / d input] for float leaves and Embedding outputs).
+        """
+        model = self.model
+        leaves = tf.nest.flatten(x)
+        capture = EmbeddingCapture(layers, graph_only=False)
+        with tf.GradientTape() as tape:
+            watched = [leaves[i] for i in float_leaves]
+            for t in watched:
+                tape.watch(t)
+            with capture.active():
+                y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+            loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                       training=True)
+        outs = [out for _, _, out, _ in capture.records]
+        grads = tape.gradient(loss, watched + outs)
+        return tf.nest.flatten(y_pred), [g for g in grads if g is not None]
+
+    def state_variables(self) -> list:
+        """Variables a forward pass may change (moving stats, RNG, metrics)."""
+        model = self.model
+        seen, out = set(), []
+        candidates = list(model.non_trainable_variables)
+        for layer in self.all_layers() + [model]:
+            for sg in getattr(layer, "_seed_generators", []) or []:
+                candidates.append(sg.state)
+        for metric in model.metrics:
+            candidates.extend(metric.variables)
+        compile_loss = getattr(model, "_compile_loss", None)
+        if compile_loss is not None:
+            candidates.extend(getattr(compile_loss, "variables", []) or [])
+        for v in candidates:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
+    # -------------------------------------------------------------- restore
+    def restore(self) -> None:
+        """Takes every keras_sie step and guard off the model (idempotent)."""
+        model = self.model
+        for name in _INSTALLED_ATTRS:
+            if name in model.__dict__:
+                object.__delattr__(model, name)
+        model.train_function = None
+        model.test_function = None
+
+
+def _ancestor_leaves(tensor: tf.Tensor, placeholders: dict[str, int]) -> tuple[int, ...]:
+    """Indices of the input placeholders `tensor` depends on in its graph."""
+    found, stack, seen = set(), [tensor.op], set()
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.name in placeholders:
+            found.add(placeholders[op.name])
+            continue
+        stack.extend(t.op for t in op.inputs)
+    return tuple(sorted(found))
+
+
+def record(model: keras.Model, sample_ids, input_gradients, loss_scale=1.0) -> None:
+    """Records importance from inside a custom `train_step`.
+
+    For models that override `train_step`, `SampleImportance` cannot fuse its
+    own step; call this once per step instead, with the gradient of the
+    (unscaled) batch-mean loss with respect to the inputs you want scored. It
+    does nothing when no `SampleImportance` is attached, so the model works
+    with or without the callback.
+
+    Args:
+        model: The model (`self` inside `train_step`).
+        sample_ids: The [B] ids taken off the inputs with `keras_sie.split_ids`.
+        input_gradients: A tensor or a list/dict of tensors, each [B, ...]:
+            d(mean batch loss)/d(input) from your tape.
+        loss_scale: The loss scale the gradients carry (mixed precision), if any.
+            Defaults to 1.0.
+
+    Example:
+
+    ```python
+    def train_step(self, data):
+        x, y = data
+        x, ids = keras_sie.split_ids(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = self.compute_loss(y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_weights + [x])
+        keras_sie.record(self, ids, grads[-1])
+        ...
+    ```
+    """
+    hook = model.__dict__.get("_keras_sie_hook") if hasattr(model, "__dict__") else None
+    if hook is None:
+        return
+    hook.record(sample_ids, input_gradients, loss_scale)
+
+
+def prepare_distributed(model: keras.Model, id_key: str = ids_lib.DEFAULT_ID_KEY) -> keras.Model:
+    """Lets `fit` start with id-carrying inputs on a model made under a strategy.
+
+    For a model created in a `tf.distribute` strategy's scope, Keras 3 builds
+    the model, loss and metric state from the first batch inside `fit`, before
+    any callback exists. That batch still holds the sample id (a model that
+    does not expect it then stops with "The structure of `inputs` doesn't
+    match" or "Missing data for input"), and under `MultiWorkerMirroredStrategy`
+    with several workers Keras 3.15 stops there anyway, because it all-reduces
+    the whole batch. This replaces that step, for this model only, with one
+    that builds from this worker's first replica's batch with the id removed:
+    only shapes and dtypes are used. Call it once after `compile`; it is
+    harmless for inputs without ids and without a strategy.
+
+    Args:
+        model: A compiled Keras model.
+        id_key: Name of the id entry. Must match `SampleImportance(id_key=...)`.
+            Defaults to `"sample_id"`.
+
+    Returns:
+        The same model.
+
+    Example:
+
+    ```python
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = make_model()
+        model.compile("adam", "mse")
+    keras_sie.prepare_distributed(model)
+    model.fit(keras_sie.with_ids(x), y, callbacks=[keras_sie.SampleImportance()])
+    ```
+    """
+    Keras3Adapter(model).check_supported()
+
+    def _maybe_symbolic_build(iterator=None, data_batch=None):
+        strategy = getattr(model, "_distribute_strategy", None)
+        if strategy is None:
+            return  # as Keras: without a strategy the build happens when tracing
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = next(it)
+                break
+        if data_batch is None:
+            return
+
+        def local(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        data_batch = tf.nest.map_structure(local, data_batch)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+        x, _ = ids_lib.split_ids(x, id_key)
+        with strategy.scope():
+            model._symbolic_build(data_batch=(x, y, sample_weight))
+
+    object.__setattr__(model, "_maybe_symbolic_build", _maybe_symbolic_build)
+    return model
+
+
+def numpy_rows(value: Any, n: int) -> Any:
+    """The first `n` rows of every leaf (numpy / tensors) of a structure."""
+    return tf.nest.map_structure(
+        lambda v: np.asarray(v)[:n] if not tf.is_tensor(v) else v[:n], value
+    )

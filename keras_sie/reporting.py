@@ -1,0 +1,190 @@
+"""Epoch-end reporting: the npz file, the manifest, TensorBoard and the data map.
+
+`EpochReporter.report` turns one recorded epoch into files. It owns the
+fail-open policy: a fault in reporting during a long job warns once, turns
+reporting off for the rest of the run and lets training go on
+(`strict=True` re-raises instead). Scores in memory are kept either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from keras_sie import storage
+from keras_sie.datamap import render_data_map
+from keras_sie.score_record import ScoreRecord
+from keras_sie.summaries import SummaryWriter
+
+_DATA_MAP_SHARE = 0.02  # data_map="auto": share of epoch time the picture may take
+
+
+class EpochReporter:
+    """Writes each recorded epoch under `<log_dir>/keras_sie`.
+
+    Args:
+        log_dir: The user's log folder (None: keep scores in memory only).
+        save_arrays: Write the per-epoch npz and the manifest.
+        top_k: Rows of the top-k table.
+        data_map: True, False or "auto" (see `SampleImportance`).
+        strict: Re-raise reporting faults instead of warning once.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None,
+        *,
+        save_arrays: bool = True,
+        top_k: int = 20,
+        data_map: bool | str = "auto",
+        strict: bool = False,
+    ):
+        self.log_dir = log_dir
+        self.save_arrays = save_arrays
+        self.top_k = top_k
+        self.data_map = data_map
+        self.strict = strict
+        self.disabled = False
+        self._writer: SummaryWriter | None = None
+        self._map_budget = 0.0
+        self._map_cost: float | None = None
+
+    # ------------------------------------------------------------ folders
+    def prepare(self) -> None:
+        """Fails fast when the log folder is not writable."""
+        if self.log_dir is not None:
+            storage.check_writable(self.log_dir)
+
+    def replace_old_run(self) -> None:
+        """A fresh run into a folder that holds an old run: replace it, loudly."""
+        saved = storage.list_epochs(self.log_dir) if self.log_dir else []
+        if not saved:
+            return
+        warnings.warn(
+            f"keras_sie: {storage.run_dir(self.log_dir)} holds {len(saved)} epoch(s) of an "
+            "earlier run; they are replaced by this run.",
+            stacklevel=4,
+        )
+        self.close()
+        shutil.rmtree(storage.run_dir(self.log_dir), ignore_errors=True)
+        storage.check_writable(self.log_dir)
+
+    def saved_record(self) -> ScoreRecord | None:
+        """The run stored in the log folder, if any."""
+        if not self.log_dir or not storage.list_epochs(self.log_dir):
+            return None
+        return storage.read_record(self.log_dir)
+
+    def drop_files_from(self, first: int) -> None:
+        """Deletes stored epochs numbered `first` and later (a resume cuts them)."""
+        if not self.log_dir:
+            return
+        for e in storage.list_epochs(self.log_dir):
+            if e >= first:
+                os.unlink(storage.epoch_path(self.log_dir, e))
+
+    # ------------------------------------------------------------- report
+    @contextlib.contextmanager
+    def fail_open(self, number: int):
+        """Runs epoch-end bookkeeping; a fault warns once and disables reporting.
+
+        With `strict=True` the fault is re-raised instead.
+        """
+        try:
+            yield
+        except Exception as e:
+            if self.strict:
+                raise
+            self.disabled = True
+            warnings.warn(
+                f"keras_sie: importance reporting failed at record {number} "
+                f"({type(e).__name__}: {e}); it is disabled for the rest of this run. Training "
+                "is unaffected. Pass strict=True to SampleImportance to raise instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def report(self, record: ScoreRecord, number: int, epoch_seconds: float | None,
+               config: dict[str, Any]) -> None:
+        """Writes record `number` (call inside `fail_open`)."""
+        if self.disabled or self.log_dir is None:
+            return
+        self._write(record, number, epoch_seconds, config)
+
+    def _write(self, record: ScoreRecord, number: int, epoch_seconds: float | None,
+               config: dict[str, Any]) -> None:
+        scores = record.epoch(number)
+        if self.save_arrays:
+            keys = record._keys  # hash mode: keys by slot; None for index ids
+            storage.write_epoch(self.log_dir, number, storage.epoch_arrays(scores, keys))
+            storage.write_manifest(
+                self.log_dir,
+                dict(
+                    config,
+                    epochs=record.epochs,
+                    keras_epochs={str(e): record.epoch(e).keras_epoch for e in record.epochs},
+                    num_samples=record.num_samples,
+                    feature_names=list(scores.feature_names),
+                    aggregate_epochs=record.aggregate_epochs,
+                ),
+            )
+        visited = int((scores.visits > 0).sum())
+        rows = [
+            (key, score, vis, score * visited)
+            for key, score, vis in record.top_k(self.top_k, epoch=number)
+        ]
+        if self._writer is None:
+            self._writer = SummaryWriter(self.log_dir, storage.RUN_SUBDIR)
+        self._writer.write_epoch(
+            step=number,
+            importance=scores.importance,
+            visits=scores.visits,
+            summary=scores.summary,
+            faults=scores.faults,
+            top_rows=rows,
+            feature_shares=scores.feature_importance,
+            images=self._data_map_images(record, number, epoch_seconds),
+        )
+        if scores.task_importance:
+            self._writer.write_tasks(number, scores.task_importance, scores.visits)
+
+    def _data_map_images(self, record: ScoreRecord, number: int,
+                         epoch_seconds: float | None) -> dict[str, np.ndarray]:
+        """The epoch's data map image; a drawing failure only turns the image off."""
+        if not self.data_map:
+            return {}
+        if self.data_map == "auto":
+            # Amortized budget: 2 % of each epoch's wall time may go to drawing.
+            if epoch_seconds is not None:
+                self._map_budget += _DATA_MAP_SHARE * epoch_seconds
+            if self._map_cost is not None and self._map_budget < self._map_cost:
+                return {}
+        try:
+            t0 = time.perf_counter()
+            history = {e: v for e, v in record.history.items() if e <= number}
+            image = render_data_map(history, record.epoch(number).visits, number)
+            self._map_cost = time.perf_counter() - t0
+            self._map_budget -= self._map_cost
+        except Exception as e:  # a picture must not stop the scores
+            if self.strict:
+                raise
+            self.data_map = False
+            warnings.warn(
+                f"keras_sie: drawing the data map failed ({type(e).__name__}: {e}); "
+                "it is turned off for this run. The scores are unaffected.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return {}
+        return {} if image is None else {"importance/data_map": image}
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()  # flushes; a later fit reopens lazily
+            self._writer = None

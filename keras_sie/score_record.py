@@ -1,0 +1,250 @@
+"""`ScoreRecord`: the scores of a run, live (`sie.record`) or loaded (`keras_sie.load`).
+
+One class for both, so that a script written against a live callback works
+unchanged on a run read back from disk. Records are numbered 0, 1, 2, ... in
+the order their epochs finished, across every `fit` of one callback (a second
+`fit(initial_epoch=3)` adds records 3, 4, 5; `keras_epoch` keeps the epoch
+number Keras used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from keras_sie import scores as scores_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochScores:
+    """Everything recorded for one epoch.
+
+    Attributes:
+        importance: float32 [num_samples], sums to 1 over visited samples.
+        visits: int64 [num_samples], visits of each sample in the epoch.
+        sums: float32 [num_samples], raw sum over visits of sum_j |g_ij|.
+        feature_names: Feature group names.
+        feature_sums: float64 [num_groups], sum_i |g_ij| per group.
+        summary: Summary scalars (gini, top1pct_share, ...).
+        faults: Counted faults (nonfinite_rows, invalid_id_rows, ...).
+        task_importance: Per-output importance of multi-output models.
+        keras_epoch: The epoch number Keras gave this epoch.
+    """
+
+    importance: np.ndarray
+    visits: np.ndarray
+    sums: np.ndarray
+    feature_names: tuple[str, ...] = ()
+    feature_sums: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    summary: dict[str, float] = dataclasses.field(default_factory=dict)
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
+    task_importance: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    keras_epoch: int | None = None
+
+    @property
+    def feature_importance(self) -> dict[str, float]:
+        """Share of sum_i |g_ij| per feature group (sums to 1)."""
+        sums = np.asarray(self.feature_sums, dtype=np.float64)
+        total = float(sums.sum())
+        return {
+            n: (float(s) / total if total > 0 else 0.0)
+            for n, s in zip(self.feature_names, sums)
+        }
+
+
+class ScoreRecord:
+    """Per-sample importance of every recorded epoch, with the same names live and loaded.
+
+    Get one from `SampleImportance.record` during or after `fit`, or from
+    `keras_sie.load(log_dir)`. Optional arguments are keyword-only.
+
+    Args:
+        num_samples: Number of buffer slots (sample ids `0..num_samples-1`,
+            or key slots in hash mode).
+        keys: Original keys by slot in hash mode (may be shorter than
+            `num_samples`: unused slots have none); None for index ids.
+        aggregate_epochs: How many leading epochs `aggregate` averages (None: all).
+        id_key: Name of the id entry the run used.
+        key_mapping: `"index"` or `"hash"`.
+        log_dir: Where the run is stored, if anywhere.
+        manifest: The run's stored configuration (loaded runs).
+
+    Example:
+
+    ```python
+    record = sie.record                 # or keras_sie.load("logs")
+    print(record.epochs, record.top_k(5))
+    worst = record.top_k(5, largest=False, epoch=0)
+    ```
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        keys: np.ndarray | None = None,
+        aggregate_epochs: int | None = 3,
+        id_key: str = "sample_id",
+        key_mapping: str = "index",
+        log_dir: str | None = None,
+        manifest: dict[str, Any] | None = None,
+    ):
+        self.num_samples = int(num_samples)
+        self._keys = None if keys is None else np.asarray(keys)
+        self.aggregate_epochs = aggregate_epochs
+        self.id_key = id_key
+        self.key_mapping = key_mapping
+        self.log_dir = log_dir
+        self.manifest = dict(manifest or {})
+        self._epochs: dict[int, EpochScores] = {}
+
+    def __repr__(self) -> str:
+        where = f", log_dir={self.log_dir!r}" if self.log_dir else ""
+        return f"ScoreRecord(epochs={self.epochs}, num_samples={self.num_samples}{where})"
+
+    # ------------------------------------------------------------ building
+    def add(self, number: int, scores: EpochScores, keys: np.ndarray | None = None) -> None:
+        """Adds (or replaces) record `number`; hash-mode keys are updated too."""
+        if scores.importance.shape != (self.num_samples,):
+            raise ValueError(
+                f"record {number} has {scores.importance.shape[0]} samples, this record has "
+                f"num_samples={self.num_samples}."
+            )
+        self._epochs[int(number)] = scores
+        if keys is not None:
+            self._keys = np.asarray(keys)
+
+    def truncate(self, first: int) -> None:
+        """Drops records numbered `first` and later."""
+        for e in [e for e in self._epochs if e >= first]:
+            del self._epochs[e]
+
+    @property
+    def next_number(self) -> int:
+        """The number the next recorded epoch gets."""
+        return max(self._epochs) + 1 if self._epochs else 0
+
+    # -------------------------------------------------------------- reading
+    @property
+    def epochs(self) -> list[int]:
+        """Record numbers, in order."""
+        return sorted(self._epochs)
+
+    def epoch(self, number: int | None = None) -> EpochScores:
+        """Everything recorded for one epoch (the latest by default)."""
+        if not self._epochs:
+            raise ValueError("No epoch has been recorded yet.")
+        number = self.epochs[-1] if number is None else number
+        if number not in self._epochs:
+            raise KeyError(f"epoch {number} not recorded (epochs: {self.epochs})")
+        return self._epochs[number]
+
+    def __len__(self) -> int:
+        return len(self._epochs)
+
+    @property
+    def importance(self) -> np.ndarray | None:
+        """Normalized importance of the latest epoch (numpy [num_samples]), or None."""
+        return self.epoch().importance if self._epochs else None
+
+    @property
+    def history(self) -> dict[int, np.ndarray]:
+        """Importance of every recorded epoch, keyed by record number."""
+        return {e: s.importance for e, s in sorted(self._epochs.items())}
+
+    @property
+    def visits(self) -> np.ndarray | None:
+        """Visits per sample in the latest epoch."""
+        return self.epoch().visits if self._epochs else None
+
+    @property
+    def feature_importance(self) -> dict[str, float]:
+        """Latest epoch's share of sum_i |g_ij| per feature group ({} before any epoch)."""
+        return self.epoch().feature_importance if self._epochs else {}
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Latest epoch's summary scalars (gini, top1pct_share, ...)."""
+        return dict(self.epoch().summary) if self._epochs else {}
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """Latest epoch's counted faults (rows left out, skipped steps, ...)."""
+        return dict(self.epoch().faults) if self._epochs else {}
+
+    @property
+    def task_importance(self) -> dict[str, np.ndarray]:
+        """Latest epoch's importance per output of a multi-output model ({} otherwise)."""
+        return dict(self.epoch().task_importance) if self._epochs else {}
+
+    @property
+    def slots_used(self) -> int:
+        """Slots that hold a sample: all of them for index ids, keys seen in hash mode."""
+        return self.num_samples if self._keys is None else min(len(self._keys), self.num_samples)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Key of every slot: 0..N-1 for index ids; the original keys in hash mode
+        (unused slots: "" for string keys, -1 for integer keys)."""
+        n = self.num_samples
+        if self._keys is None:
+            return np.arange(n, dtype=np.int64)
+        keys = self._keys[:n]
+        if len(keys) < n:
+            fill = "" if keys.dtype.kind in "USO" else -1
+            keys = np.concatenate([keys, np.full(n - len(keys), fill, dtype=keys.dtype)])
+        return keys
+
+    def _aggregated(self) -> list[int]:
+        epochs = self.epochs
+        if self.aggregate_epochs is not None:
+            epochs = epochs[: max(int(self.aggregate_epochs), 1)]
+        return epochs
+
+    @property
+    def aggregate(self) -> np.ndarray | None:
+        """Mean importance over the first `aggregate_epochs` epochs, renormalized."""
+        if not self._epochs:
+            return None
+        return scores_lib.aggregate([self._epochs[e].importance for e in self._aggregated()])
+
+    @property
+    def aggregate_visits(self) -> np.ndarray | None:
+        """Visits summed over the epochs `aggregate` averages."""
+        if not self._epochs:
+            return None
+        return np.sum([self._epochs[e].visits for e in self._aggregated()], axis=0)
+
+    def scores(self, epoch: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`(importance, visits)` of one epoch, the latest (None) or `"aggregate"`.
+
+        A sample is visited in the aggregate when it was visited in any of the
+        epochs the aggregate averages; `select`, `to_sample_weight`, the
+        sampler and the command line all use this one definition.
+        """
+        if epoch == "aggregate":
+            return self.aggregate, self.aggregate_visits
+        scores = self.epoch(epoch)
+        return scores.importance, scores.visits
+
+    def top_k(
+        self, k: int = 10, *, largest: bool = True, epoch: int | str | None = None
+    ) -> list[tuple]:
+        """The k most (or least) important visited samples.
+
+        Args:
+            k: Number of samples. Defaults to 10.
+            largest: True for the most important, False for the least.
+                Defaults to True.
+            epoch: Record number, None for the latest, or `"aggregate"`.
+                Defaults to None.
+
+        Returns:
+            A list of `(key, importance, visits)`, most extreme first.
+        """
+        if not self._epochs:
+            return []
+        importance, visits = self.scores(epoch)
+        return scores_lib.top_k_rows(importance, visits, self.keys, k, largest)
