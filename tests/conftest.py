@@ -16,6 +16,33 @@ def _fresh_keras_state():
     keras.mixed_precision.set_global_policy("float32")
 
 
+def assert_close_to_max(actual, expected, rel=1e-5):
+    """Assert ``max_i |a_i - e_i| <= rel * max_i |e_i|``.
+
+    Score arrays are compared relative to their largest value, not per
+    element: a sample with a near-zero score (a residual of ~1e-6) carries a
+    float32 rounding error that is large relative to itself and differs from
+    one CPU to the next, while being ~1e-7 of the largest score. A wrong score
+    (wrong sample, wrong scale, wrong formula) still moves the largest
+    difference far past ``rel`` times the largest value.
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != expected shape {e.shape}"
+    assert np.isfinite(a).all(), f"non-finite values at {np.flatnonzero(~np.isfinite(a))}"
+    assert np.isfinite(e).all(), "the expected array has non-finite values"
+    if a.size == 0:
+        return
+    diff = np.abs(a - e)
+    scale = float(np.abs(e).max())
+    worst = int(np.argmax(diff))
+    assert diff.max() <= rel * scale, (
+        f"max |actual - expected| = {diff.max():.3g} at flat index {worst} "
+        f"(actual {a.flat[worst]!r}, expected {e.flat[worst]!r}) exceeds "
+        f"rel={rel:g} x max |expected| = {scale:.6g}"
+    )
+
+
 def linear_problem(n=103, d=4, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype("float32")

@@ -19,12 +19,13 @@ import _distribute_worker as worker
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_close_to_max
 
 import keras_sie
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distribute_worker.py")
 TIMEOUT_S = 240  # per subprocess run; a healthy run takes a fraction of this
-RTOL, ATOL = 1e-4, 1e-8  # float32 reductions run in a different order per replica
+REL = 1e-4  # float32 reductions run in a different order per replica
 
 
 def _env() -> dict[str, str]:
@@ -110,8 +111,8 @@ def _run_cluster(tmp_path, num_workers: int = 2) -> list[dict]:
 def _assert_same_scores(got: dict, ref: dict, prefix_got: str, prefix_ref: str, epochs: int):
     np.testing.assert_array_equal(got[f"{prefix_got}_visits"], ref[f"{prefix_ref}_visits"])
     for e in range(epochs):
-        np.testing.assert_allclose(got[f"{prefix_got}_importance_{e}"],
-                                   ref[f"{prefix_ref}_importance_{e}"], rtol=RTOL, atol=ATOL)
+        assert_close_to_max(got[f"{prefix_got}_importance_{e}"],
+                            ref[f"{prefix_ref}_importance_{e}"], rel=REL)
 
 
 def test_mirrored_strategy_gives_the_single_device_scores(tmp_path):
@@ -154,8 +155,7 @@ def test_multi_worker_mirrored_strategy_gives_the_single_device_scores_and_only_
     run = keras_sie.load(str(chief_dir))
     assert run.epochs == [0, 1]
     for e in (0, 1):
-        np.testing.assert_allclose(run.epoch(e).importance, ref[f"single_importance_{e}"],
-                                   rtol=RTOL, atol=ATOL)
+        assert_close_to_max(run.epoch(e).importance, ref[f"single_importance_{e}"], rel=REL)
     events = list((chief_dir / "keras_sie").rglob("events.out.tfevents.*"))
     assert events, "the chief wrote no TensorBoard events"
 
