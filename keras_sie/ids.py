@@ -180,18 +180,13 @@ def is_batched(ds: tf.data.Dataset) -> bool:
         if node.op in _UNBATCHING_OPS:
             return False
         inputs = [i for i in node.input if not i.startswith("^")]
+        if node.op == "DirectedInterleaveDataset":
+            inputs = inputs[1:]  # the first input only selects; the data follows
         node = by_name.get(inputs[0].split(":")[0]) if inputs else None
     return False
 
 
 def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.Dataset:
-    if is_batched(ds):
-        raise ValueError(
-            "keras_sie.with_ids: this dataset is already batched, so ids would be given to "
-            "whole batches instead of samples. Call with_ids before .batch() "
-            "(keras_sie.with_ids(ds).shuffle(...).batch(...)), or .unbatch() first (only if "
-            "nothing before the batch shuffles)."
-        )
     reordering = reordering_ops(ds)
     if reordering:
         raise ValueError(
@@ -202,6 +197,14 @@ def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.D
             "make_csv_dataset pass shuffle=False and shuffle after with_ids), or use an "
             "id/key column the data already carries (its name as "
             "SampleImportance(id_key=...), key_mapping='hash' for arbitrary keys)."
+        )
+
+    if is_batched(ds):
+        raise ValueError(
+            "keras_sie.with_ids: this dataset is already batched, so ids would be given to "
+            "whole batches instead of samples. Call with_ids before .batch() "
+            "(keras_sie.with_ids(ds).shuffle(...).batch(...)), or .unbatch() first (only if "
+            "nothing before the batch shuffles)."
         )
 
     def add(i, element):

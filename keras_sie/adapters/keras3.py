@@ -117,6 +117,15 @@ def fit_locals_of(model: Any) -> dict[str, Any] | None:
     return None
 
 
+def _callbacks_of(fit_locals: dict[str, Any]) -> list:
+    """The running fit's callbacks: the user's list while Keras builds its
+    CallbackList (during `set_model`), the CallbackList's list afterwards."""
+    callbacks = fit_locals.get("callbacks")
+    if isinstance(callbacks, (list, tuple)):
+        return list(callbacks)
+    return list(getattr(callbacks, "callbacks", None) or [])
+
+
 def _is_float(t) -> bool:
     return t.dtype.is_floating
 
@@ -320,8 +329,7 @@ class StepHook:
         fit_locals = fit_locals_of(self.model)
         if fit_locals is None:
             return False
-        callbacks = getattr(fit_locals.get("callbacks"), "callbacks", None)
-        return callbacks is not None and any(cb is self.owner for cb in callbacks)
+        return any(cb is self.owner for cb in _callbacks_of(fit_locals))
 
     # ---------------------------------------------------------------- steps
     def _split(self, data):
@@ -555,7 +563,7 @@ class Keras3Adapter:
 
     @staticmethod
     def fit_callbacks(fit_locals: dict[str, Any]) -> list:
-        return list(getattr(fit_locals.get("callbacks"), "callbacks", None) or [])
+        return _callbacks_of(fit_locals)
 
     @staticmethod
     def data_adapter(fit_locals: dict[str, Any]):
