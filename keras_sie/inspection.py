@@ -408,8 +408,10 @@ def check_coupling(adapter, plan: FitPlan, tolerance: float | None = None) -> st
             for variant in (_first, lambda v, r: _perturbed(v, r, half)):
                 for v, value in zip(state, saved):
                     v.assign(value)
+                # Sample weights stay: under mean_with_sample_weight their batch
+                # sum scales every row alike, which the score undoes exactly.
                 outs, grads = adapter.forward_gradients(
-                    variant(x, rows), variant(y, rows), variant(sw, rows),
+                    variant(x, rows), variant(y, rows), _first(sw, rows),
                     list(plan.step.watched_leaves), layers,
                 )
                 results.append(([np.asarray(o, np.float64) for o in outs],
