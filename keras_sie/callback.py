@@ -32,7 +32,6 @@ from keras_sie import ids as ids_lib
 from keras_sie import inspection, storage
 from keras_sie import scores as scores_lib
 from keras_sie.adapters import adapter_for
-from keras_sie.adapters.keras3 import StepHook
 from keras_sie.buffer import ImportanceBuffer
 from keras_sie.reporting import EpochReporter
 from keras_sie.score_record import EpochScores, ScoreRecord
@@ -228,7 +227,7 @@ class SampleImportance(keras.callbacks.Callback):
 
     def _reset_transient(self) -> None:
         self._adapter = None
-        self._hook: StepHook | None = None
+        self._hook = None  # the adapter's step hook while a fit runs
         self._buffer: ImportanceBuffer | None = None
         self._plan: inspection.FitPlan | None = None
         self._reporter = EpochReporter(
@@ -403,7 +402,7 @@ class SampleImportance(keras.callbacks.Callback):
             self._buffer = self._make_buffer(adapter, plan)
             if not self._warned_coupled:
                 self._check_coupling(adapter, plan)
-            self._hook = StepHook(adapter, self._buffer, plan.step, owner=self)
+            self._hook = adapter.step_hook(self._buffer, plan.step, owner=self)
             self._hook.install()
 
     def _make_buffer(self, adapter, plan: inspection.FitPlan) -> ImportanceBuffer:

@@ -557,6 +557,10 @@ class Keras3Adapter:
     def train_step_is_default(self) -> bool:
         return type(self.model).train_step is _trainer_class().train_step
 
+    def step_hook(self, buffer, plan: StepPlan, owner: Any) -> StepHook:
+        """The fused step of this Keras generation for this model (not yet installed)."""
+        return StepHook(self, buffer, plan, owner)
+
     # ------------------------------------------------------------- fit frame
     def fit_locals(self) -> dict[str, Any] | None:
         return fit_locals_of(self.model)
