@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras_sie import ids as ids_lib
 from keras_sie import inspection, storage
 from keras_sie import scores as scores_lib
-from keras_sie.adapters import adapter_for
+from keras_sie.adapters import Keras2CallbackCompat, adapter_for
 from keras_sie.buffer import ImportanceBuffer
 from keras_sie.reporting import EpochReporter
 from keras_sie.score_record import EpochScores, ScoreRecord
@@ -72,7 +72,7 @@ def _is_chief(strategy) -> bool:
     return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
-class SampleImportance(keras.callbacks.Callback):
+class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
     """Scores every training sample by the gradient of its loss w.r.t. its inputs.
 
     For each training batch, the per-sample input gradients
