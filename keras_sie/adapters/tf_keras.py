@@ -487,6 +487,24 @@ def _per_output_losses(model, y, y_pred, sample_weight, task_names) -> list[tf.T
     return [value for _, value in out]
 
 
+def _recording_call(call, found: list):
+    """`call`, recording the arguments it is called with (by parameter name).
+
+    A closure, not default arguments: autograph converts the wrapper (as
+    Keras does every layer's call) and would lose class-mangled parameter names.
+    """
+    signature = inspect.signature(call)
+
+    def wrapped(*args, **kwargs):
+        try:
+            found.append(dict(signature.bind(*args, **kwargs).arguments))
+        except TypeError:
+            pass
+        return call(*args, **kwargs)
+
+    return wrapped
+
+
 class TfKerasAdapter:
     """Everything keras_sie needs from a tf_keras (Keras 2) model, in one place.
 
@@ -670,17 +688,7 @@ class TfKerasAdapter:
         patched = []
         try:
             for task in self._tfrs_tasks():
-                original = task.call
-                signature = inspect.signature(original)
-
-                def wrapped(*args, __call=original, __sig=signature, **kwargs):
-                    try:
-                        found.append(dict(__sig.bind(*args, **kwargs).arguments))
-                    except TypeError:
-                        pass
-                    return __call(*args, **kwargs)
-
-                object.__setattr__(task, "call", wrapped)
+                object.__setattr__(task, "call", _recording_call(task.call, found))
                 patched.append(task)
             yield
         finally:
@@ -709,7 +717,8 @@ class TfKerasAdapter:
             return tf.constant(0)
 
         with self.strategy.scope():
-            concrete = tf.function(forward, autograph=False).get_concrete_function(*flat_specs)
+            # autograph on, as in the compiled step: TFRS tasks use Python `len` on tensors.
+            concrete = tf.function(forward).get_concrete_function(*flat_specs)
         placeholders = {t.op.name: i for i, t in enumerate(concrete.graph.inputs[: len(flat_specs)])}
         calls = []
         for layer, inputs, out, _ in found.get("records", []):
