@@ -367,13 +367,32 @@ import numpy as np, tf_keras, keras_sie
 rng = np.random.default_rng(0)
 x = rng.normal(size=(103, 4)).astype("float32"); y = rng.normal(size=(103, 1)).astype("float32")
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with strategy.scope():
-    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(1)])
-    loss = tf_keras.losses.MeanSquaredError(reduction=sys.argv[1])
-    model.compile(tf_keras.optimizers.SGD(0.0), loss)
 sie = keras_sie.SampleImportance(verbose=0)
-model.fit(keras_sie.with_ids(x), y, batch_size=10, epochs=2, callbacks=[sie], verbose=0)
-w, b = model.layers[-1].get_weights()
+if sys.argv[1] == "tfrs":  # a TFRS model; its task's loss is a sum (tf_keras refuses "auto")
+    import tensorflow_recommenders as tfrs
+
+    class Ranker(tfrs.models.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = tf.keras.layers.Dense(1)
+            self.task = tfrs.tasks.Ranking(tf.keras.losses.MeanSquaredError(reduction="sum"))
+
+        def compute_loss(self, features, training=False):
+            return self.task(labels=features["y"], predictions=self.dense(features["x"]))
+
+    with strategy.scope():
+        model = Ranker()
+        model.compile(tf.keras.optimizers.SGD(0.0))
+    model.fit(keras_sie.with_ids({"x": x, "y": y}), batch_size=10, epochs=2, callbacks=[sie],
+              verbose=0)
+    w, b = model.dense.get_weights()
+else:
+    with strategy.scope():
+        model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(1)])
+        loss = tf_keras.losses.MeanSquaredError(reduction=sys.argv[1])
+        model.compile(tf_keras.optimizers.SGD(0.0), loss)
+    model.fit(keras_sie.with_ids(x), y, batch_size=10, epochs=2, callbacks=[sie], verbose=0)
+    w, b = model.layers[-1].get_weights()
 s = 2.0 * np.abs(x @ w + b - y)[:, 0] * np.abs(w).sum()
 s = s / s.sum()
 assert (sie.visits == 1).all(), sie.visits
@@ -383,7 +402,7 @@ print("ok", strategy.num_replicas_in_sync, err)
 """
 
 
-@pytest.mark.parametrize("reduction", ["auto", "sum"])
+@pytest.mark.parametrize("reduction", ["auto", "sum", "tfrs"])
 def test_mirrored_strategy_on_two_cpu_replicas_is_exact(reduction, tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED)
