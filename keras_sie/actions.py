@@ -28,7 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sie import ids as ids_lib
+from keras_sie import signals as signals_lib
 from keras_sie.score_record import ScoreRecord
+
+# Signals that are signed or larger for easier samples: rank them, don't weight by them.
+_SIGNED = ("margin", "confidence")
 
 ScoreSource = Union[ScoreRecord, "keras.callbacks.Callback", np.ndarray, Sequence[float]]
 
@@ -59,8 +63,14 @@ def _record_of(scores: Any) -> ScoreRecord | None:
     return None
 
 
-def _resolve(scores: ScoreSource, keys: Any = None, epoch: int | str | None = None) -> _Scores:
-    """Turns any accepted score source into (importance, keys, visited)."""
+def _resolve(scores: ScoreSource, keys: Any = None, epoch: int | str | None = None,
+             by: str = "importance", non_negative: bool = False) -> _Scores:
+    """Turns any accepted score source into (values, keys, visited).
+
+    `by` picks the input-gradient importance (default) or a recorded signal
+    (`record.signal(by)`); `non_negative` refuses signals that can be negative
+    (margin) where the caller needs weights.
+    """
     record = _record_of(scores)
     if record is not None:
         if keys is not None:
@@ -70,9 +80,25 @@ def _resolve(scores: ScoreSource, keys: Any = None, epoch: int | str | None = No
             )
         importance, visits = record.scores(epoch)
         m = record.slots_used  # hash mode: used slots only
-        return _Scores(
-            np.asarray(importance, np.float64)[:m], record.keys[:m], np.asarray(visits)[:m] > 0
-        )
+        visited = np.asarray(visits)[:m] > 0
+        values = np.asarray(importance, np.float64)[:m]
+        if by != "importance":
+            if by not in signals_lib.READABLE:
+                raise ValueError(f"by must be 'importance' or a signal in "
+                                 f"{signals_lib.READABLE}, got {by!r}.")
+            values = np.asarray(record.signal(by, epoch=epoch), np.float64)[:m]
+            visited = visited & np.isfinite(values)
+            if non_negative and by in _SIGNED:
+                raise ValueError(
+                    f"by={by!r} can be negative or is larger for easier samples; weights need "
+                    "a non-negative hardness. Use by='loss', 'el2n', 'forgetting' or "
+                    "'confidence_std', or select(..., by='margin', bottom=...) to pick the "
+                    "hardest samples."
+                )
+            values = np.where(visited, values, 0.0)
+        return _Scores(values, record.keys[:m], visited)
+    if by != "importance":
+        raise ValueError("by= needs a ScoreRecord or a SampleImportance, not a plain array.")
     if epoch not in (None, "aggregate"):
         raise ValueError("epoch= needs a ScoreRecord or a SampleImportance, not a plain array.")
     imp = np.asarray(scores, dtype=np.float64)
@@ -145,16 +171,28 @@ def select(
     top: float | None = None,
     bottom: float | None = None,
     band: tuple[float, float] | None = None,
+    stratified: float | None = None,
     keys: Any = None,
     epoch: int | str | None = "aggregate",
+    by: str = "importance",
+    hard_cutoff: float = 0.1,
+    strata: int = 50,
+    seed: int = 0,
 ) -> np.ndarray:
-    """Ids of the most, least, or a quantile band of important samples.
+    """Ids of the most, least, a quantile band, or a coverage-preserving subset.
 
-    Exactly one of `top`, `bottom` or `band` is given. An int is a number of
-    samples, a float in [0, 1] a fraction of the scored samples (rounded to
-    the nearest count). Only samples visited in the chosen epoch are ranked
-    (validation rows, for instance, have no score). Ties are broken by
-    position, so the result is deterministic.
+    Exactly one of `top`, `bottom`, `band` or `stratified` is given. An int is
+    a number of samples, a float in [0, 1] a fraction of the scored samples
+    (rounded to the nearest count). Only samples visited in the chosen epoch
+    are ranked (validation rows, for instance, have no score). Ties are
+    broken by position, so the result is deterministic.
+
+    `stratified` is coverage-centric selection (Zheng et al., ICLR 2023):
+    drop the hardest `hard_cutoff` fraction (highest scores), split the score
+    range of the rest into `strata` equal-width strata and spend the budget
+    evenly across them, smallest stratum first, drawing at random (`seed`)
+    within each. Keeping only the top-scored samples fails at high pruning
+    rates; this keeps easy, typical and hard samples alike.
 
     Args:
         scores: A `keras_sie.ScoreRecord`, a `keras_sie.SampleImportance` after `fit`,
@@ -164,15 +202,25 @@ def select(
         band: `(lo, hi)` with `0 <= lo < hi <= 1`: the samples whose rank
             from the least important, as a fraction of the scored samples,
             lies in `[lo, hi)`. `(0.9, 1.0)` equals `top=0.1`.
+        stratified: Keep this many samples (count or fraction) with
+            coverage-centric selection.
         keys: Sample ids of a plain array (default: positions 0..N-1).
         epoch: Which epoch's scores: `"aggregate"` (default: the cross-epoch
             aggregate, by default the mean of the first 3 epochs, which found
             flipped labels best in our quality benchmark), an epoch number, or
             `None` for the latest. Ignored for plain arrays.
+        by: `"importance"` (default) or a recorded signal (`"loss"`,
+            `"el2n"`, `"margin"`, `"confidence"`, `"confidence_std"`,
+            `"forgetting"`): rank by its values. Low margin and low
+            confidence mean hard: pick those with `bottom=`.
+        hard_cutoff: `stratified`: fraction of the highest-scored samples
+            dropped first. Defaults to 0.1.
+        strata: `stratified`: number of equal-width score strata. Defaults to 50.
+        seed: `stratified`: seed of the draws within strata. Defaults to 0.
 
     Returns:
         The selected sample ids (numpy array): most important first for
-        `top` and `band`, least important first for `bottom`.
+        `top`, `band` and `stratified`, least important first for `bottom`.
 
     Example:
 
@@ -183,10 +231,13 @@ def select(
     model.fit(x_train[keep], y_train[keep])
     ```
     """
-    given = [name for name, v in (("top", top), ("bottom", bottom), ("band", band)) if v is not None]
+    given = [name for name, v in (("top", top), ("bottom", bottom), ("band", band),
+                                  ("stratified", stratified)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"Pass exactly one of top=, bottom= or band= (got {given or 'none'}).")
-    s = _resolve(scores, keys, epoch)
+        raise ValueError(
+            f"Pass exactly one of top=, bottom=, band= or stratified= (got {given or 'none'})."
+        )
+    s = _resolve(scores, keys, epoch, by=by)
     idx = np.flatnonzero(s.visited)
     imp = s.importance[idx]
     # Ascending by importance, ties by position.
@@ -196,6 +247,9 @@ def select(
         chosen = ascending[n - _count(top, n, "top"):][::-1]
     elif bottom is not None:
         chosen = ascending[: _count(bottom, n, "bottom")]
+    elif stratified is not None:
+        chosen = _coverage_centric(ascending, s.importance, _count(stratified, n, "stratified"),
+                                   hard_cutoff, strata, seed)
     else:
         try:
             lo, hi = (float(b) for b in band)
@@ -206,6 +260,36 @@ def select(
         a, b = math.floor(lo * n + 0.5), math.floor(hi * n + 0.5)
         chosen = ascending[a:b][::-1]
     return s.keys[chosen]
+
+
+def _coverage_centric(ascending: np.ndarray, values: np.ndarray, budget: int,
+                      hard_cutoff: float, strata: int, seed: int) -> np.ndarray:
+    """Coverage-centric selection (Zheng et al. 2023, Algorithm 1) over visited slots."""
+    if not 0.0 <= hard_cutoff < 1.0:
+        raise ValueError(f"hard_cutoff must be in [0, 1), got {hard_cutoff}.")
+    if not isinstance(strata, (int, np.integer)) or strata < 1:
+        raise ValueError(f"strata must be a positive int, got {strata!r}.")
+    n = ascending.size
+    pool = ascending[: n - math.floor(hard_cutoff * n + 0.5)]  # hardest dropped
+    budget = min(budget, pool.size)
+    if budget == 0 or pool.size == 0:
+        return ascending[:0]
+    v = values[pool]
+    lo, hi = float(v.min()), float(v.max())
+    width = (hi - lo) / strata if hi > lo else 1.0
+    stratum = np.minimum(((v - lo) / width).astype(np.int64), strata - 1)
+    groups = [pool[stratum == k] for k in range(strata)]
+    groups = sorted((g for g in groups if g.size), key=lambda g: g.size)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    remaining = budget
+    for i, group in enumerate(groups):
+        take = min(group.size, remaining // (len(groups) - i))
+        if take:
+            chosen.append(rng.choice(group, size=take, replace=False))
+        remaining -= take
+    out = np.concatenate(chosen) if chosen else ascending[:0]
+    return out[np.lexsort((out, -values[out]))]  # most important first, ties by position
 
 
 def _mixed_probabilities(rel: np.ndarray, smoothing: float, power: float) -> np.ndarray:
@@ -231,6 +315,7 @@ def to_sample_weight(
     keys: Any = None,
     epoch: int | str | None = "aggregate",
     for_keys: Any = None,
+    by: str = "importance",
 ) -> np.ndarray:
     """Turns importance into per-sample `sample_weight` with mean 1.
 
@@ -257,6 +342,9 @@ def to_sample_weight(
         keys: Sample ids of a plain array (default: positions).
         epoch: `"aggregate"` (default, see `select`), an epoch number or
             `None` (latest). Ignored for plain arrays.
+        by: `"importance"` (default) or a non-negative recorded signal
+            (`"loss"`, `"el2n"`, `"forgetting"`, `"confidence_std"`) to
+            weight by.
         for_keys: Optional sample ids to return weights for, in that order
             (e.g. the ids of the rows of your training arrays). Unknown ids
             raise a `KeyError`. By default one weight per scored sample, in
@@ -272,7 +360,7 @@ def to_sample_weight(
     model.fit(x_train, y_train, sample_weight=w)
     ```
     """
-    s = _resolve(scores, keys, epoch)
+    s = _resolve(scores, keys, epoch, by=by, non_negative=True)
     p = _mixed_probabilities(_relative(s), smoothing, power)
     w = p * p.size
     if clip is not None:
@@ -316,6 +404,9 @@ class ImportanceSampler(keras.callbacks.Callback):
         scores: Optional initial scores: a `ScoreRecord`, a `SampleImportance` or an
             array of N importances (with their keys, the rows, by position).
             Defaults to uniform.
+        by: What to sample by: `"importance"` (default) or a non-negative
+            recorded signal (`"loss"`, `"el2n"`, `"forgetting"`,
+            `"confidence_std"`).
         source: Optional `SampleImportance` watching this sampler's dataset;
             its scores update the probabilities at each epoch start.
         smoothing: Share of the uniform distribution mixed in, in (0, 1].
@@ -342,6 +433,7 @@ class ImportanceSampler(keras.callbacks.Callback):
         smoothing: float = 0.1,
         power: float = 1.0,
         seed: int | None = None,
+        by: str = "importance",
     ):
         super().__init__()
         if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
@@ -359,6 +451,12 @@ class ImportanceSampler(keras.callbacks.Callback):
         self.smoothing = float(smoothing)
         self.power = float(power)
         self.source = source
+        if by != "importance" and (by not in signals_lib.READABLE or by in _SIGNED):
+            raise ValueError(
+                f"by must be 'importance' or a non-negative signal ('loss', 'el2n', "
+                f"'forgetting', 'confidence_std'), got {by!r}."
+            )
+        self.by = by
         self._consumed: int | None = None
         self._rel = np.ones(self.num_samples, dtype=np.float64)
         with tf.init_scope(), tf.device("/CPU:0"):
@@ -388,7 +486,8 @@ class ImportanceSampler(keras.callbacks.Callback):
         """Current unbiasing weights 1 / (N * p) (float64 [N], at most 1/smoothing)."""
         return 1.0 / (self.num_samples * self.probabilities)
 
-    def set_scores(self, scores: ScoreSource, *, epoch: int | str | None = None) -> None:
+    def set_scores(self, scores: ScoreSource, *, epoch: int | str | None = None,
+                   by: str | None = None) -> None:
         """Sets the probabilities from scores (e.g. a previous run's).
 
         Args:
@@ -396,8 +495,10 @@ class ImportanceSampler(keras.callbacks.Callback):
                 indexed by row. Record/callback keys must be the rows 0..N-1
                 (`keras_sie.with_ids`); unscored rows get the mean score.
             epoch: Epoch number, `None` (latest) or `"aggregate"`.
+            by: `"importance"` or a non-negative signal; defaults to the
+                sampler's `by`.
         """
-        s = _resolve(scores, None, epoch)
+        s = _resolve(scores, None, epoch, by=by or self.by, non_negative=True)
         rel = np.ones(self.num_samples, dtype=np.float64)
         keys = np.asarray(s.keys)
         if keys.dtype.kind not in "iu" or (keys.size and (keys.min() < 0 or keys.max() >= self.num_samples)):
@@ -488,6 +589,10 @@ class ImportanceSampler(keras.callbacks.Callback):
         if self._consumed is not None and latest <= self._consumed:
             return
         self._consumed = latest
+        if self.by != "importance":
+            # Signals are per-sample values before sample weights: use them as they are.
+            self.set_scores(self.source, epoch=latest)
+            return
         imp = np.asarray(self.source.history[latest], np.float64)[: self.num_samples]
         visits = self.source.visits
         visited = (np.asarray(visits)[: self.num_samples] > 0) if visits is not None else imp > 0

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_sie.signals import BYTES_PER_SAMPLE, SUMS
+
 # Per-feature sums are kept in a fixed-size vector so that the feature list can
 # be discovered while the step is traced (after the variables exist).
 MAX_FEATURE_GROUPS = 256
@@ -35,6 +37,18 @@ def _replica_variable(name: str, shape, dtype, initial=0) -> tf.Variable:
         dtype=dtype,
         synchronization=_ON_READ,
         aggregation=_SUM,
+    )
+
+
+def _first_replica_variable(name: str, shape, dtype, initial=0) -> tf.Variable:
+    """State every replica updates identically; read from the first replica."""
+    return tf.Variable(
+        tf.fill(shape, tf.constant(initial, dtype)),
+        trainable=False,
+        name=name,
+        dtype=dtype,
+        synchronization=_ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
 
 
@@ -74,6 +88,7 @@ class BufferSnapshot:
     dropped_rows: int  # rows with a new key after capacity was reached (hash mode)
     keys: np.ndarray | None  # original keys by slot (hash mode), else None
     task_sums: np.ndarray | None = None  # float32 [num_samples, num_tasks] (multi-output)
+    signal_sums: dict = dataclasses.field(default_factory=dict)  # name -> float32 [N] sums
     steps: int = 0  # steps that reached the buffer this epoch (all replicas)
     skipped_steps: int = 0  # steps the loss-scale optimizer skipped (overflow)
     num_groups: int = 0  # feature groups the step reported
@@ -91,7 +106,12 @@ class ImportanceBuffer:
     """
 
     def __init__(
-        self, num_samples: int, key_mapping: str = "index", key_dtype=tf.int64, num_tasks: int = 0
+        self,
+        num_samples: int,
+        key_mapping: str = "index",
+        key_dtype=tf.int64,
+        num_tasks: int = 0,
+        signals: Sequence[str] = (),
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -119,6 +139,22 @@ class ImportanceBuffer:
             _replica_variable("sie_task_sums", [n, self.num_tasks], tf.float32)
             if self.num_tasks else None
         )
+        # Training-dynamics signals (keras_sie.signals): per-epoch sums, plus
+        # for forgetting a persistent last-correct flag (slot N is a dump for
+        # rows that must not write) and a per-epoch event count. Every replica
+        # applies the whole global batch to the forgetting state, so its
+        # copies stay identical (ONLY_FIRST_REPLICA).
+        self.signals = tuple(signals)
+        self.signal_vars: dict[str, tf.Variable] = {}
+        for name in self.signals:
+            for sum_name in SUMS.get(name, ()):
+                # Confidence sums are float64: its variance is a difference of sums.
+                dtype = tf.float64 if name == "confidence" else tf.float32
+                self.signal_vars[sum_name] = _replica_variable(f"sie_{sum_name}", [n], dtype)
+        self.last_correct = self.forget_events = None
+        if "forgetting" in self.signals:
+            self.last_correct = _first_replica_variable("sie_last_correct", [n + 1], tf.int32, -1)
+            self.forget_events = _first_replica_variable("sie_forget_events", [n], tf.int32)
         self.table = None
         if key_mapping == "hash":
             # Keys persist across epochs (a slot keeps its key for the whole run).
@@ -130,7 +166,8 @@ class ImportanceBuffer:
     @property
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
-        return self.num_samples * (4 + 4 + 4 * self.num_tasks) + MAX_FEATURE_GROUPS * 4 + 7 * 8
+        per_sample = 4 + 4 + 4 * self.num_tasks + sum(BYTES_PER_SAMPLE[s] for s in self.signals)
+        return self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + 7 * 8
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
@@ -152,6 +189,8 @@ class ImportanceBuffer:
         scale,
         per_task_rows: Sequence[tf.Tensor] | None = None,
         step_ok: tf.Tensor | None = None,
+        signal_rows: dict[str, tf.Tensor] | None = None,
+        correct: tf.Tensor | None = None,
     ) -> None:
         """Adds one batch. Runs inside the compiled step.
 
@@ -165,6 +204,10 @@ class ImportanceBuffer:
             step_ok: False when the optimizer skips this step (a loss-scale
                 overflow): nothing is accumulated and the step is counted as
                 skipped, not as NaN/Inf rows. None means True.
+            signal_rows: [B] float values per requested signal (`"loss"`,
+                `"el2n"`, `"margin"`, `"confidence"`).
+            correct: [B] bool, whether each row is classified correctly
+                (the `"forgetting"` signal).
         """
         if len(per_feature_rows) > MAX_FEATURE_GROUPS:
             raise ValueError(
@@ -197,6 +240,7 @@ class ImportanceBuffer:
             tasks = tasks * tf.cast(scale, tf.float32)
             tasks = tf.where(valid[:, None], tasks, tf.zeros_like(tasks))
             _scatter_add(self.task_sums, safe_slots, tasks)
+        self._accumulate_signals(safe_slots, valid, signal_rows or {}, correct)
         clean_rows = tf.where(valid[:, None], rows, tf.zeros_like(rows))
         per_feature = tf.reduce_sum(clean_rows, axis=0)
         pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
@@ -216,12 +260,48 @@ class ImportanceBuffer:
                 value=tf.where(n_unknown > 0, first_bad, current),
             )
 
+    def _accumulate_signals(self, slots, valid, signal_rows, correct) -> None:
+        for name, values in signal_rows.items():
+            var = self.signal_vars[name]
+            values = tf.reshape(tf.cast(values, var.dtype), [-1])
+            ok = tf.logical_and(valid, tf.math.is_finite(values))
+            values = tf.where(ok, values, tf.zeros_like(values))
+            _scatter_add(var, slots, values)
+            if name == "confidence":
+                _scatter_add(self.signal_vars["confidence_sq"], slots, values * values)
+        if self.last_correct is None or correct is None:
+            return
+        correct = tf.cast(tf.reshape(correct, [-1]), tf.int32)
+        write = tf.where(valid, slots, tf.fill(tf.shape(slots), tf.constant(
+            self.num_samples, slots.dtype)))
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            write = ctx.all_gather(write, axis=0)
+            correct = ctx.all_gather(correct, axis=0)
+        # Raw read of this replica's copy (a cross-replica read is not allowed here).
+        current = tf.raw_ops.ReadVariableOp(resource=self.last_correct.handle, dtype=tf.int32)
+        previous = tf.gather(current, write)
+        counted = write < self.num_samples
+        event = tf.logical_and(counted, tf.logical_and(tf.equal(previous, 1),
+                                                      tf.equal(correct, 0)))
+        dump = tf.fill(tf.shape(write), tf.constant(0, write.dtype))
+        tf.raw_ops.ResourceScatterAdd(
+            resource=self.forget_events.handle,
+            indices=tf.where(counted, write, dump),
+            updates=tf.cast(event, tf.int32),
+        )
+        tf.raw_ops.ResourceScatterUpdate(
+            resource=self.last_correct.handle, indices=write,
+            updates=tf.where(counted, correct, previous),
+        )
+
     # ------------------------------------------------------------------- host
     def reset(self) -> None:
         """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
         for var in (self.sums, self.visits, self.feature_sums, self.invalid_rows,
                     self.invalid_example, self.nonfinite_rows, self.dropped_rows,
-                    self.steps, self.skipped_steps, self.task_sums):
+                    self.steps, self.skipped_steps, self.task_sums, self.forget_events,
+                    *self.signal_vars.values()):
             if var is None:
                 continue
             var.assign(tf.zeros_like(var))
@@ -255,10 +335,28 @@ class ImportanceBuffer:
             keys=keys,
             task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
             else None,
+            signal_sums=self._read_signals(),
             steps=int(_read(self.steps)),
             skipped_steps=int(_read(self.skipped_steps)),
             num_groups=int(_local_values(self.num_groups)[0]),
         )
+
+    def _read_signals(self) -> dict[str, np.ndarray]:
+        out = {name: _read(var) for name, var in self.signal_vars.items()}
+        if self.forget_events is not None:
+            out["forgetting"] = _local_values(self.forget_events)[0].astype(np.int64)
+        return out
+
+    def restore_forgetting(self, last_correct: np.ndarray) -> None:
+        """Reloads the last-correct flags (a resumed or continued run)."""
+        if self.last_correct is not None and last_correct is not None:
+            self.last_correct.assign(np.concatenate([last_correct.astype(np.int32), [-1]]))
+
+    def last_correct_flags(self) -> np.ndarray | None:
+        """Per sample: -1 never visited, else whether its last visit was correct."""
+        if self.last_correct is None:
+            return None
+        return _local_values(self.last_correct)[0][: self.num_samples].astype(np.int8)
 
     def restore_keys(self, keys: np.ndarray) -> None:
         """Reloads the key→slot table (resume of a hash-mode run)."""

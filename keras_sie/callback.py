@@ -31,6 +31,7 @@ import tensorflow as tf
 from keras_sie import ids as ids_lib
 from keras_sie import inspection, storage
 from keras_sie import scores as scores_lib
+from keras_sie import signals as signals_lib
 from keras_sie.adapters import Keras2CallbackCompat, adapter_for
 from keras_sie.buffer import ImportanceBuffer
 from keras_sie.reporting import EpochReporter
@@ -151,6 +152,15 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             size); `"auto"` draws the first epoch and then only as often as
             keeps its cost within 2 % of the training time; `False` never.
             Defaults to `"auto"`.
+        signals: Training-dynamics signals to record in the same step, by
+            name: `"loss"` (the sample's own loss, before sample weights),
+            `"el2n"`, `"margin"`, `"confidence"` (also gives
+            `"confidence_std"`) and `"forgetting"`; read them with
+            `signal(name)`. The input-gradient score is always recorded.
+            The last four need a single classification output (sparse or
+            one-hot softmax, or one sigmoid); others are refused before
+            training. Each adds 4-8 bytes per sample of device memory
+            (docs/usage.md). Defaults to `()`.
 
     Example:
 
@@ -180,8 +190,10 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         strict: bool = False,
         verbose: int = 1,
         data_map: bool | str = "auto",
+        signals: Sequence[str] = (),
     ):
         super().__init__()
+        signals = signals_lib.check_requested(signals, None, 1)
         if key_mapping not in _KEY_MAPPINGS:
             raise ValueError(f"key_mapping must be one of {_KEY_MAPPINGS}, got {key_mapping!r}.")
         if on_invalid_id not in _ON_INVALID:
@@ -221,6 +233,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self.strict = strict
         self.verbose = verbose
         self.data_map = data_map
+        self.signals = signals
         self._record: ScoreRecord | None = None
         self._warned_coupled = False
         self._reset_transient()
@@ -315,6 +328,23 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         """Latest epoch's importance per output of a multi-output model ({} otherwise)."""
         return self._record.task_importance if self._record else {}
 
+    def signal(self, name: str, *, epoch: int | str | None = None) -> np.ndarray:
+        """One training-dynamics signal per sample (see `ScoreRecord.signal`).
+
+        Args:
+            name: A signal requested with `signals=` (`"loss"`, `"el2n"`,
+                `"margin"`, `"confidence"`, `"forgetting"`) or
+                `"confidence_std"`.
+            epoch: Record number, None for the latest, or `"aggregate"`.
+                Defaults to None.
+
+        Returns:
+            numpy [num_samples], in the slot order of `importance`.
+        """
+        if self._record is None:
+            raise ValueError("No epoch has been recorded yet: call fit with this callback.")
+        return self._record.signal(name, epoch=epoch)
+
     def top_k(
         self, k: int = 10, *, largest: bool = True, epoch: int | str | None = None
     ) -> list[tuple]:
@@ -376,7 +406,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             config = inspection.FitConfig(
                 id_key=self.id_key, num_samples=self.num_samples, key_mapping=self.key_mapping,
                 on_invalid_id=self.on_invalid_id, features=inspection.listed(self.features),
-                per_task=self.per_task,
+                per_task=self.per_task, signals=self.signals,
             )
             plan = inspection.inspect_fit(config, adapter, fit_locals)
             if plan.mapping == "hash" and adapter.strategy.num_replicas_in_sync > 1:
@@ -408,11 +438,20 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
     def _make_buffer(self, adapter, plan: inspection.FitPlan) -> ImportanceBuffer:
         with adapter.strategy.scope():
             buffer = ImportanceBuffer(
-                plan.num_samples, plan.mapping, plan.key_dtype, num_tasks=len(plan.task_names)
+                plan.num_samples, plan.mapping, plan.key_dtype, num_tasks=len(plan.task_names),
+                signals=plan.step.signals,
             )
-        if plan.mapping == "hash" and self._record is not None and self._record._keys is not None:
-            buffer.restore_keys(self._record._keys)  # keys keep their slots across fits
+        self._restore_state(buffer, self._record)
         return buffer
+
+    @staticmethod
+    def _restore_state(buffer: ImportanceBuffer, record: ScoreRecord | None) -> None:
+        """Carries hash keys and forgetting flags over from earlier epochs."""
+        if record is None or not len(record):
+            return
+        if record._keys is not None:
+            buffer.restore_keys(record._keys)  # keys keep their slots across fits
+        buffer.restore_forgetting(record.epoch().last_correct)
 
     def _check_coupling(self, adapter, plan: inspection.FitPlan) -> None:
         try:
@@ -525,7 +564,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self._reporter.drop_files_from(keep)
         if saved._keys is not None:
             self._record._keys = saved._keys
-            self._buffer.restore_keys(saved._keys)
+        self._restore_state(self._buffer, self._record)
 
     def _check_epoch(self, snap) -> None:
         """Configuration/data errors found at epoch end: raised, never swallowed."""
@@ -583,6 +622,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             faults=faults,
             task_importance=tasks,
             keras_epoch=int(keras_epoch),
+            signal_sums=snap.signal_sums,
+            last_correct=self._buffer.last_correct_flags(),
         ), keys=snap.keys)
         if snap.nonfinite_rows:
             warnings.warn(

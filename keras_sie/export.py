@@ -65,6 +65,10 @@ def _wide(run: ScoreRecord, epochs: list[int]) -> dict[str, np.ndarray]:
         "visits": np.stack([np.asarray(run.epoch(e).visits, np.int64)[:m] for e in epochs]),
         "grad_sum": np.stack([np.asarray(run.epoch(e).sums, np.float64)[:m] for e in epochs]),
     }
+    for name in run.signals:
+        out[f"signal_{name}"] = np.stack(
+            [np.asarray(run.signal(name, epoch=e), np.float64)[:m] for e in epochs]
+        )
     names = list(run.epoch().feature_names)
     if names:
         shares = [run.epoch(e).feature_importance for e in epochs]
@@ -86,7 +90,9 @@ def to_columns(run: ScoreRecord | str | os.PathLike, epoch: int | None = None) -
 
     Returns:
         Dict of equal-length numpy columns `epoch`, `key`, `importance`,
-        `visits`, `grad_sum`, ordered by epoch, then by slot.
+        `visits`, `grad_sum`, and one column per recorded signal (`loss`,
+        `el2n`, `margin`, `confidence`, `confidence_std`, `forgetting`; NaN
+        for unvisited samples), ordered by epoch, then by slot.
 
     Example:
 
@@ -98,13 +104,16 @@ def to_columns(run: ScoreRecord | str | os.PathLike, epoch: int | None = None) -
     run = _as_run(run)
     w = _wide(run, _epochs(run, epoch))
     e, m = w["importance"].shape
-    return {
+    cols = {
         "epoch": np.repeat(w["epochs"], m),
         "key": np.tile(w["keys"], e),
         "importance": w["importance"].reshape(-1),
         "visits": w["visits"].reshape(-1),
         "grad_sum": w["grad_sum"].reshape(-1),
     }
+    for name in run.signals:
+        cols[name] = w[f"signal_{name}"].reshape(-1)
+    return cols
 
 
 def _format_for(path: str, fmt: str | None) -> str:

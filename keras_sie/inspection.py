@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sie import ids as ids_lib
+from keras_sie import signals as signals_lib
 from keras_sie.adapters.keras3 import REDUCTIONS, StepPlan
 
 _AUTO_EMBEDDING_NAME = re.compile(r"^embedding(_\d+)?$")
@@ -36,6 +37,7 @@ class FitConfig:
     on_invalid_id: str
     features: tuple[str, ...] | None
     per_task: bool | None
+    signals: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -299,24 +301,42 @@ def _feature_plan(config: FitConfig, adapter, x_spec) -> tuple[list[str], tuple,
     return names, tuple(watched), tuple(leaf_groups), tuple(layer_groups)
 
 
+def _output_names(adapter, fit_locals) -> list[str]:
+    names = adapter.output_names()
+    if names:
+        return names
+    y = fit_locals.get("y")  # subclassed models: the targets tell
+    x = fit_locals.get("x")
+    if y is None and isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        y = spec[1] if isinstance(spec, tuple) and len(spec) >= 2 else None
+    n = len(tf.nest.flatten(y)) if y is not None else 0
+    return [f"output_{k}" for k in range(n)]
+
+
 def _task_names(config: FitConfig, adapter, fit_locals) -> list[str]:
     if config.per_task is False:
         return []
-    names = adapter.output_names()
-    if not names:
-        y = fit_locals.get("y")
-        x = fit_locals.get("x")
-        if y is None and isinstance(x, tf.data.Dataset):
-            spec = x.element_spec
-            y = spec[1] if isinstance(spec, tuple) and len(spec) >= 2 else None
-        n = len(tf.nest.flatten(y)) if y is not None else 0
-        names = [f"output_{k}" for k in range(n)]
+    names = _output_names(adapter, fit_locals)
     if len(names) <= 1:
         if config.per_task:
             warnings.warn("per_task=True: the model has a single output; nothing to split.",
                           stacklevel=4)
         return []
     return names
+
+
+def _signals(config: FitConfig, adapter, fit_locals) -> tuple[str, ...]:
+    if not config.signals:
+        return ()
+    if not adapter.train_step_is_default():
+        raise ValueError(
+            f"signals={list(config.signals)} need keras_sie's fused train step, but this model "
+            "overrides train_step (keras_sie.record only passes input gradients). Remove "
+            "signals=, or train without a custom train_step."
+        )
+    outputs = max(1, len(_output_names(adapter, fit_locals)))
+    return signals_lib.check_requested(config.signals, adapter.output_kind(), outputs)
 
 
 def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPlan:
@@ -336,6 +356,7 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
     else:  # the user's train_step calls keras_sie.record with its own gradients
         names, watched, leaf_groups, layer_groups = adapter.input_names(x_spec), (), (), ()
     tasks = _task_names(config, adapter, fit_locals)
+    signals = _signals(config, adapter, fit_locals)
     step = StepPlan(
         id_key=config.id_key,
         watched_leaves=watched,
@@ -346,6 +367,8 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
         num_tasks=len(tasks),
         mapping=mapping,
         task_names=tuple(tasks),
+        signals=signals,
+        output_kind=adapter.output_kind() if signals else None,
     )
     return FitPlan(mapping, key_dtype, num_samples, names, tasks, step, batch)
 

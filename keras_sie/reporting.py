@@ -153,6 +153,12 @@ class EpochReporter:
         )
         if scores.task_importance:
             self._writer.write_tasks(number, scores.task_importance, scores.visits)
+        if record.signals:
+            visited = scores.visits > 0
+            self._writer.write_signals(number, {
+                name: np.where(visited, record.signal(name, epoch=number), np.nan)
+                for name in record.signals
+            })
 
     def _data_map_images(self, record: ScoreRecord, number: int,
                          epoch_seconds: float | None) -> dict[str, np.ndarray]:

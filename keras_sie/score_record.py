@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from keras_sie import scores as scores_lib
+from keras_sie import signals as signals_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,12 @@ class EpochScores:
         faults: Counted faults (nonfinite_rows, invalid_id_rows, ...).
         task_importance: Per-output importance of multi-output models.
         keras_epoch: The epoch number Keras gave this epoch.
+        signal_sums: Per-sample sums over the epoch's visits of each recorded
+            signal (`"loss"`, `"el2n"`, `"margin"`, `"confidence"`,
+            `"confidence_sq"`) and the epoch's forgetting events
+            (`"forgetting"`).
+        last_correct: int8 [num_samples] at the epoch's end (forgetting
+            signal): -1 never visited, else whether the last visit was correct.
     """
 
     importance: np.ndarray
@@ -42,6 +49,8 @@ class EpochScores:
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
     task_importance: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     keras_epoch: int | None = None
+    signal_sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    last_correct: np.ndarray | None = None
 
     @property
     def feature_importance(self) -> dict[str, float]:
@@ -228,6 +237,89 @@ class ScoreRecord:
             return self.aggregate, self.aggregate_visits
         scores = self.epoch(epoch)
         return scores.importance, scores.visits
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """Names `signal()` answers for this record (recorded signals and derived ones)."""
+        if not self._epochs:
+            return ()
+        sums = self.epoch().signal_sums
+        names = [name for name in signals_lib.SIGNALS if name in sums]
+        if "confidence" in names:
+            names.append("confidence_std")
+        return tuple(names)
+
+    def signal(self, name: str, *, epoch: int | str | None = None) -> np.ndarray:
+        """One training-dynamics signal per sample, in the slot order of `importance`.
+
+        Args:
+            name: `"loss"`, `"el2n"`, `"margin"`, `"confidence"` (the mean over
+                the sample's visits in that epoch, in their own units),
+                `"confidence_std"` (population standard deviation of the
+                confidence over all visits so far) or `"forgetting"` (number of
+                correct -> incorrect transitions over all visits so far).
+            epoch: Record number (None: the latest) or `"aggregate"` (mean of
+                the per-epoch values over the epochs `aggregate` averages;
+                for the cumulative `"confidence_std"` and `"forgetting"`,
+                their value at the last of those epochs). AUM is
+                `signal("margin", epoch="aggregate")` with `aggregate_epochs=None`.
+
+        Returns:
+            numpy [num_samples]: float64 (NaN for samples without a visit), or
+            int64 counts for `"forgetting"` (0 without a visit).
+
+        Raises:
+            ValueError: the signal was not recorded (the message says how to
+                request it) or is unknown.
+        """
+        if name not in signals_lib.READABLE:
+            raise ValueError(
+                f"Unknown signal {name!r}; available: {', '.join(signals_lib.READABLE)}."
+            )
+        if name not in self.signals:
+            base = "confidence" if name == "confidence_std" else name
+            raise ValueError(
+                f"Signal {name!r} was not recorded. Request it with "
+                f"SampleImportance(signals=({base!r},)); recorded: "
+                f"{', '.join(self.signals) or 'none'}."
+            )
+        if not self._epochs:
+            raise ValueError("No epoch has been recorded yet.")
+        if epoch == "aggregate":
+            epochs = self._aggregated()
+            if name in ("confidence_std", "forgetting"):
+                return self._cumulative(name, epochs[-1])
+            with np.errstate(all="ignore"):
+                stacked = np.stack([self._epoch_mean(name, e) for e in epochs])
+                counts = np.sum(np.isfinite(stacked), axis=0)
+                total = np.nansum(stacked, axis=0)
+                return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+        number = self.epochs[-1] if epoch is None else epoch
+        self.epoch(number)  # KeyError for an unknown epoch
+        if name in ("confidence_std", "forgetting"):
+            return self._cumulative(name, number)
+        return self._epoch_mean(name, number)
+
+    def _epoch_mean(self, name: str, number: int) -> np.ndarray:
+        scores = self._epochs[number]
+        sums = np.asarray(scores.signal_sums[name], np.float64)
+        visits = np.asarray(scores.visits)
+        return np.divide(sums, visits, out=np.full(sums.shape, np.nan), where=visits > 0)
+
+    def _cumulative(self, name: str, last: int) -> np.ndarray:
+        epochs = [e for e in self.epochs if e <= last]
+        if name == "forgetting":
+            return np.sum([np.asarray(self._epochs[e].signal_sums["forgetting"], np.int64)
+                           for e in epochs], axis=0)
+        visits = np.sum([np.asarray(self._epochs[e].visits, np.float64) for e in epochs], axis=0)
+        s1 = np.sum([np.asarray(self._epochs[e].signal_sums["confidence"], np.float64)
+                     for e in epochs], axis=0)
+        s2 = np.sum([np.asarray(self._epochs[e].signal_sums["confidence_sq"], np.float64)
+                     for e in epochs], axis=0)
+        with np.errstate(all="ignore"):
+            mean = s1 / visits
+            var = np.maximum(s2 / visits - mean * mean, 0.0)
+        return np.where(visits > 0, np.sqrt(var), np.nan)
 
     def top_k(
         self, k: int = 10, *, largest: bool = True, epoch: int | str | None = None

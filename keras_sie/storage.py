@@ -174,6 +174,10 @@ def epoch_arrays(scores: EpochScores, keys: np.ndarray | None) -> dict[str, np.n
     }
     if keys is not None:
         arrays["keys"] = np.asarray(keys)
+    for name, values in scores.signal_sums.items():
+        arrays[f"signal_{name}"] = np.asarray(values)
+    if scores.last_correct is not None:
+        arrays["last_correct"] = np.asarray(scores.last_correct, np.int8)
     if scores.task_importance:
         arrays["task_names"] = np.array(list(scores.task_importance), dtype=str)
         arrays["task_importance"] = np.stack(list(scores.task_importance.values()), axis=1)
@@ -195,6 +199,7 @@ def epoch_from_arrays(arrays: dict[str, np.ndarray]) -> EpochScores:
         for k, name in enumerate(names("task_names")):
             tasks[name] = arrays["task_importance"][:, k]
     keras_epoch = int(arrays["keras_epoch"]) if "keras_epoch" in arrays else -1
+    signal_sums = {k[len("signal_"):]: arrays[k] for k in arrays if k.startswith("signal_")}
     return EpochScores(
         importance=np.asarray(arrays["importance"], np.float32),
         visits=np.asarray(arrays["visits"], np.int64),
@@ -205,6 +210,8 @@ def epoch_from_arrays(arrays: dict[str, np.ndarray]) -> EpochScores:
         faults=faults,
         task_importance=tasks,
         keras_epoch=None if keras_epoch < 0 else keras_epoch,
+        signal_sums=signal_sums,
+        last_correct=arrays.get("last_correct"),
     )
 
 

@@ -15,6 +15,8 @@ Tags (see the README's table):
 * `features/<name>`  share of sum_i |g_ij| per feature group; `features/table` text
 * `importance/data_map`  the data-map image (matplotlib extra)
 * `tasks/<output>/distribution|gini|top1pct_share`  per-output scores (multi-output models)
+* `signals/<name>/distribution|mean|median`  training-dynamics signals (`signals=`);
+  for `forgetting` the count so far
 """
 
 from __future__ import annotations
@@ -157,6 +159,28 @@ class SummaryWriter:
                 tf.summary.scalar(
                     f"tasks/{name}/top1pct_share", scores_lib.top_share(scores[visited], 0.01)
                 )
+        self.writer.flush()
+
+    def write_signals(self, step: int, values: dict[str, np.ndarray]) -> None:
+        """Training-dynamics signals: `signals/<name>/distribution|mean|median` tags.
+
+        Args:
+            step: The record number.
+            values: Per-sample values of each signal (NaN for unvisited samples).
+        """
+        with tf.device("/cpu:0"), self.writer.as_default(step=step):
+            for name, v in values.items():
+                v = np.asarray(v, np.float64)
+                v = v[np.isfinite(v)]
+                if not v.size:
+                    continue
+                tf.summary.write(
+                    f"signals/{name}/distribution",
+                    tf.constant(histogram_buckets(v.astype(np.float32), 60)),
+                    metadata=_HISTOGRAM_METADATA,
+                )
+                tf.summary.scalar(f"signals/{name}/mean", float(v.mean()))
+                tf.summary.scalar(f"signals/{name}/median", float(np.median(v)))
         self.writer.flush()
 
     def close(self) -> None:

@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sie import ids as ids_lib
+from keras_sie import signals as signals_lib
+from keras_sie.signals import OutputKind
 
 SUPPORTED = "keras>=3.15,<4 with the TensorFlow backend"
 # The fused step copies Keras's own `TensorFlowTrainer.train_step` of this version.
@@ -236,6 +238,8 @@ class StepPlan:
         num_tasks: Outputs scored separately (0: total loss only).
         mapping: "index" or "hash" (decides the id dtype check).
         task_names: Output names, in the order per-task sums are stored.
+        signals: Training-dynamics signals to record (`keras_sie.signals`).
+        output_kind: How to read the (single) classification output.
     """
 
     id_key: str
@@ -247,6 +251,8 @@ class StepPlan:
     num_tasks: int = 0
     mapping: str = "index"
     task_names: tuple[str, ...] = ()
+    signals: tuple[str, ...] = ()
+    output_kind: OutputKind | None = None
 
 
 def own_loss_scale(ids, loss_scale, reduction: str, sample_weight=None) -> tf.Tensor:
@@ -441,7 +447,9 @@ class StepHook:
                 [tf.reduce_all(tf.math.is_finite(g)) for g in weight_grads if g is not None]
             )
         scale = own_loss_scale(ids, loss_scale, plan.reduction, sample_weight)
-        self.buffer.accumulate(ids, rows, scale, task_rows, step_ok=step_ok)
+        signal_rows, correct = self._signal_rows(ids, y, y_pred)
+        self.buffer.accumulate(ids, rows, scale, task_rows, step_ok=step_ok,
+                               signal_rows=signal_rows, correct=correct)
 
         if trainable:
             model.optimizer.apply_gradients(zip(weight_grads, trainable))
@@ -450,6 +458,29 @@ class StepHook:
         return _multi_worker_reducible(
             model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         )
+
+    def _signal_rows(self, ids, y, y_pred):
+        """[B] values of the requested signals, and per-row correctness."""
+        plan = self.plan
+        if not plan.signals:
+            return None, None
+        batch = tf.shape(tf.reshape(ids, [-1]))[0]
+        rows: dict[str, tf.Tensor] = {}
+        if "loss" in plan.signals:
+            rows["loss"] = _unreduced_loss(self.model, y, y_pred, batch)
+        correct = None
+        if plan.output_kind is not None and plan.output_kind.is_classification and any(
+            s in plan.signals for s in signals_lib.CLASSIFICATION_SIGNALS
+        ):
+            values = signals_lib.classification(
+                plan.output_kind, tf.nest.flatten(y)[0], tf.nest.flatten(y_pred)[0]
+            )
+            for name in ("el2n", "margin", "confidence"):
+                if name in plan.signals:
+                    rows[name] = values[name]
+            if "forgetting" in plan.signals:
+                correct = values["correct"]
+        return rows, correct
 
     def _group_rows(self, ids, watched, records, grads) -> list[tf.Tensor]:
         """[B] row sums of |gradient| per feature group, in plan order."""
@@ -516,6 +547,39 @@ def _per_output_losses(model, y, y_pred, sample_weight, task_names: Sequence[str
     if all(name in task_names for name, _ in out) and len(out) == len(task_names):
         out.sort(key=lambda item: task_names.index(item[0]))  # the plan's order
     return [value for _, value in out]
+
+
+def _unreduced_loss(model, y, y_pred, batch) -> tf.Tensor:
+    """Each row's own loss (no sample weight), summed over outputs with `loss_weights`."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    flat_losses = getattr(compile_loss, "_flat_losses", None)
+    if not flat_losses:
+        raise RuntimeError(
+            "keras_sie: the 'loss' signal needs a model compiled with `loss=` (Keras's "
+            "CompileLoss); this model computes its loss another way."
+        )
+    if isinstance(y_pred, dict) and isinstance(y, (list, tuple)):
+        y = dict(zip(compile_loss.output_names, y))
+    elif isinstance(y_pred, (list, tuple)) and isinstance(y, dict):
+        y = [y[name] for name in compile_loss.output_names]
+    total = None
+    for path, loss_fn, loss_weight, _ in flat_losses:
+        y_t, y_p = y, y_pred
+        for key in path:
+            y_t, y_p = y_t[key], y_p[key]
+        call = loss_fn.call if isinstance(loss_fn, keras.losses.Loss) else loss_fn
+        value = signals_lib.per_row_mean(call(y_t, y_p), batch)
+        if loss_weight is not None:
+            value = value * loss_weight
+        total = value if total is None else total + value
+    return total
+
+
+_KIND_BY_FUNCTION = {
+    "sparse_categorical_crossentropy": "sparse_categorical",
+    "categorical_crossentropy": "categorical",
+    "binary_crossentropy": "binary",
+}
 
 
 class Keras3Adapter:
@@ -619,6 +683,28 @@ class Keras3Adapter:
                 continue
             out.append(getattr(loss, "reduction", "sum_over_batch_size"))
         return out
+
+    def output_kind(self) -> OutputKind:
+        """How the compiled loss reads the model's output (single-output models)."""
+        from keras.src import tree
+
+        spec = getattr(self.model, "loss", None)
+        losses = [loss for loss in tree.flatten(spec)] if spec is not None else []
+        losses = [loss for loss in losses if loss is not None]
+        if len(losses) != 1:
+            return OutputKind("other")
+        loss = losses[0]
+        from_logits = False
+        if isinstance(loss, str):
+            fn = keras.losses.get(loss)
+        elif isinstance(loss, keras.losses.Loss):
+            fn = getattr(loss, "fn", None)
+            from_logits = bool(getattr(loss, "_fn_kwargs", {}).get("from_logits", False))
+        else:
+            fn = loss
+        name = getattr(fn, "__name__", "")
+        known = getattr(keras.losses, name, None) is fn
+        return OutputKind(_KIND_BY_FUNCTION.get(name, "other") if known else "other", from_logits)
 
     def overrides_compute_loss(self) -> bool:
         return type(self.model).compute_loss is not keras.Model.compute_loss
