@@ -127,6 +127,45 @@ def test_a_shuffled_tf_data_pipeline_matches_the_oracle():
     assert_close_to_max(sie.importance, _oracle(model, x, y), rel=1e-5)
 
 
+@pytest.mark.parametrize("source", ["generator", "sequence"])
+def test_generator_and_sequence_inputs_match_the_oracle(source):
+    x, y = linear_problem(n=40)
+    xi = keras_sie.with_ids(x)
+
+    def batch(i):
+        return {k: v[i * 8:i * 8 + 8] for k, v in xi.items()}, y[i * 8:i * 8 + 8]
+
+    class Batches(tf_keras.utils.Sequence):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return batch(i)
+
+    data = (batch(i) for i in range(5)) if source == "generator" else Batches()
+    model = _linear_model()
+    sie = keras_sie.SampleImportance(num_samples=40, verbose=0)
+    model.fit(data, epochs=1, steps_per_epoch=5, callbacks=[sie], verbose=0)
+    assert_close_to_max(sie.importance, _oracle(model, x, y), rel=1e-5)
+
+
+def test_mixed_precision_loss_scale_is_undone_exactly():
+    x, y = linear_problem(n=48)
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tf_keras.Sequential([tf_keras.Input((4,)),
+                                     tf_keras.layers.Dense(1, dtype="float32")])
+        model.compile(tf_keras.optimizers.SGD(0.0), "mse")
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+    sie = keras_sie.SampleImportance(verbose=0)
+    model.fit(keras_sie.with_ids(x), y, batch_size=16, epochs=1, callbacks=[sie], verbose=0)
+    assert sie.faults["skipped_steps"] == 0
+    assert_close_to_max(sie.importance, _oracle(model, x, y), rel=1e-5)
+    assert sie.record.epoch().sums.max() < 1e3  # the loss scale (32768) is divided out
+
+
 def test_record_inside_a_custom_tf_keras_train_step():
     x, y = linear_problem(n=50)
 
