@@ -77,6 +77,37 @@ def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional:
     return sie, model
 
 
+SIGNALS = ("loss", "el2n", "margin", "confidence", "forgetting")
+
+
+def train_classifier(strategy, n: int = 102, epochs: int = 3):
+    """A softmax classifier with every training-dynamics signal recorded."""
+    import keras
+
+    import keras_sie
+
+    x, _ = problem(n)
+    labels = (np.digitize(x[:, 0] + 0.5 * x[:, 1], [-0.5, 0.5])).astype("int64")
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh"),
+                                  keras.layers.Dense(3)])
+        model.compile(keras.optimizers.SGD(0.5),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(2)
+    model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    keras_sie.prepare_distributed(model)
+    sie = keras_sie.SampleImportance(signals=SIGNALS, verbose=0)
+    keras.utils.set_random_seed(0)
+    model.fit(keras_sie.with_ids(x), labels, batch_size=BATCH_SIZE, epochs=epochs,
+              shuffle=True, callbacks=[sie], verbose=0)
+    out = {}
+    for e in sie.history:
+        for name in SIGNALS + ("confidence_std",):
+            out[f"signal_{name}_{e}"] = sie.signal(name, epoch=e)
+    return out
+
+
 def _result(prefix: str, sie, model) -> dict[str, np.ndarray]:
     out = {f"{prefix}_visits": sie.visits}
     for e, imp in sie.history.items():
@@ -110,6 +141,10 @@ def mirrored(out: str) -> None:
                                ("mirrored", mirrored_strategy)):
             sie, model = train(strategy, n, epochs, functional=functional)
             results.update(_result(f"{name}_{n}", sie, model))
+    for name, strategy in (("single", tf.distribute.get_strategy()),
+                           ("mirrored", mirrored_strategy)):
+        for key, value in train_classifier(strategy).items():
+            results[f"{name}_cls_{key}"] = value
     np.savez(out, **results)
 
 

@@ -135,6 +135,18 @@ def test_mirrored_strategy_gives_the_single_device_scores(tmp_path):
     # the weights differently than on one device, and later epochs differ.)
     assert (r["mirrored_97_visits"] == 1).all()
     _assert_same_scores(r, r, "mirrored_97", "single_97", epochs=1)
+    # Training-dynamics signals: the same per sample on 2 replicas as on one
+    # device (n=102 splits evenly); forgetting counts exactly, its state kept
+    # consistent across replicas by all-gathering each global batch.
+    for e in range(3):
+        for name in worker.SIGNALS + ("confidence_std",):
+            got, ref = r[f"mirrored_cls_signal_{name}_{e}"], r[f"single_cls_signal_{name}_{e}"]
+            if name == "forgetting":
+                np.testing.assert_array_equal(got, ref)
+            else:
+                assert np.isfinite(ref).all()
+                assert_close_to_max(got, ref, rel=REL)
+    assert sum(r[f"single_cls_signal_forgetting_{e}"].sum() for e in range(3)) > 0
 
 
 def test_multi_worker_mirrored_strategy_gives_the_single_device_scores_and_only_the_chief_writes(
