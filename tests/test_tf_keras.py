@@ -218,6 +218,16 @@ def test_multi_output_tf_keras_model_scores_each_output_exactly():
     assert_close_to_max(sie.task_importance["b"], tb / tb.sum(), rel=1e-5)
 
 
+def test_signals_are_refused_before_training_on_a_tf_keras_model():
+    x, y = linear_problem(n=20)
+    model = _linear_model()
+    sie = keras_sie.SampleImportance(signals=["loss"], verbose=0)
+    with pytest.raises(ValueError, match="signals= are not supported for tf_keras models yet"):
+        model.fit(keras_sie.with_ids(x), y, epochs=1, callbacks=[sie], verbose=0)
+    _assert_unpatched(model)
+    model.fit(x, y, epochs=1, verbose=0)
+
+
 def test_adapter_for_names_the_supported_generations_for_anything_else():
     with pytest.raises(TypeError, match=r"builtins\.object is not a supported Keras model.*"
                                         r"Keras 3.*tf_keras \(Keras 2\)"):
