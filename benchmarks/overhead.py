@@ -1,14 +1,19 @@
 """Speed and memory overhead of `keras_sie.SampleImportance`.
 
-One process, interleaved paired runs (a, b, c, a, b, c, ...) so that the
-machine's load swings hit every configuration alike. For each model:
+One process, interleaved paired runs (a, a2, b, a, a2, b, ...; the order
+rotates each round) so that the machine's load swings hit every configuration
+alike. For each model:
 
 * (a) plain `model.fit` on the user's numpy arrays (M2: the same dict of
   arrays), exactly as without keras_sie;
+* (a2) the same again on a second, identical model: an A/A check. (a2)/(a)
+  shows how well this run can resolve a difference; an A/B figure smaller
+  than the A/A spread means nothing;
 * (b) `model.fit(keras_sie.with_ids(x), ...)` with `SampleImportance`
   (log_dir set: npz + TensorBoard are written every epoch), so carrying the
   ids through Keras's adapter is part of what is measured;
-* (c) plain `model.fit` plus the baseline a user would otherwise write: a
+* optional (`--configs`): (b_nomap) the same with `data_map=False`, and (c)
+  plain `model.fit` plus the baseline a user would otherwise write: a
   callback that, at each epoch end, runs a separate `tf.function`-compiled
   pass over the training set with its own `tf.GradientTape` and gets the same
   per-sample input gradients (float inputs, and for M2 the Embedding outputs).
@@ -17,7 +22,13 @@ Each round calls `fit(epochs=W+E)` per configuration and keeps the last E epoch
 times (the first W are warm-up: tracing, and re-tracing after SampleImportance
 installs its step). An epoch is timed from the first callback's
 `on_epoch_begin` to the last callback's `on_epoch_end`, so the callback's own
-epoch-end work is inside it.
+epoch-end work is inside it. Two clocks: CPU time of the process
+(`time.process_time`, all threads) and wall time. By default TensorFlow is
+pinned to one intra-op and one inter-op thread (`--threads 1`), so CPU time
+measures the work done and hardly moves when other jobs share the machine;
+it is the figure of record. Reported per clock: min and median epoch of each
+configuration, the ratio of minima and of medians against (a), and the paired
+per-epoch and per-round ratios.
 
 Also measured:
 * peak resident memory of (a) and (b), each in a fresh child process
@@ -32,7 +43,9 @@ Also measured:
   linearly in N from the measured (b) epochs.
 
 Usage:
-    python benchmarks/overhead.py --json benchmarks/results/overhead.json
+    python benchmarks/overhead.py --rounds 8 --epochs 3 --no-memory --no-scaling \
+        --json benchmarks/results/overhead_cpu.json    # CPU-time A/A + A/B, ~6 min
+    python benchmarks/overhead.py --configs a,a2,b,b_nomap,c --json benchmarks/results/overhead.json
     python benchmarks/overhead.py --quick          # smoke run, < 1 min
 """
 
@@ -68,13 +81,18 @@ from keras_sie.summaries import SummaryWriter
 BATCH = 512
 CONFIG_LABEL = {
     "a": "plain fit",
+    "a2": "plain fit, a second identical model (A/A check)",
     "b": "fit + SampleImportance (defaults)",
     "b_nomap": "fit + SampleImportance(data_map=False)",
     "c": "fit + separate GradientTape pass",
 }
 # (b) with the per-epoch data map picture turned off, where keras_sie has one.
 HAS_DATA_MAP = "data_map" in inspect.signature(keras_sie.SampleImportance).parameters
-CONFIGS = ("a", "b", "b_nomap", "c") if HAS_DATA_MAP else ("a", "b", "c")
+ALL_CONFIGS = ("a", "a2", "b", "b_nomap", "c") if HAS_DATA_MAP else ("a", "a2", "b", "c")
+# Default: the A/A pair and the defaults of the callback (b); add b_nomap / c
+# with --configs.
+DEFAULT_CONFIGS = ("a", "a2", "b")
+CLOCKS = ("cpu", "wall")
 
 
 # ----------------------------------------------------------------- data/models
@@ -169,19 +187,29 @@ MODELS = {
 
 # ---------------------------------------------------------------- callbacks
 class EpochClock:
-    """Two callbacks: `first` stamps on_epoch_begin, `last` stamps on_epoch_end."""
+    """Two callbacks: `first` stamps on_epoch_begin, `last` stamps on_epoch_end.
+
+    Records wall time (`perf_counter`) in `times` and the process's CPU time
+    (`process_time`: every thread of this process, user + system) in
+    `cpu_times`. With TensorFlow pinned to one intra-op and one inter-op thread
+    the CPU time is close to the work done, whatever else runs on the machine.
+    """
 
     def __init__(self):
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self._start = 0.0
+        self._cpu_start = 0.0
         clock = self
 
         class _First(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
                 clock._start = time.perf_counter()
+                clock._cpu_start = time.process_time()
 
         class _Last(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
+                clock.cpu_times.append(time.process_time() - clock._cpu_start)
                 clock.times.append(time.perf_counter() - clock._start)
 
         self.first = _First()
@@ -275,6 +303,22 @@ def buffer_device_bytes(sie: keras_sie.SampleImportance) -> dict[str, int]:
     }
 
 
+def set_threads(n: int) -> dict[str, int]:
+    """Pins TensorFlow to n intra-op and n inter-op threads (0: TF's default).
+
+    Must run before TensorFlow executes its first op (the thread pools are
+    fixed then).
+    """
+    if n > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError as e:
+            raise SystemExit(f"--threads {n}: TensorFlow already started its thread pools ({e})")
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
 def stats(values: list[float]) -> dict[str, float]:
     return {
         "min": float(min(values)),
@@ -284,12 +328,44 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def paired_summary(per_round: dict[str, list[list[float]]], configs: tuple[str, ...]) -> dict:
+    """Epoch statistics of one clock, and the ratios of every config to (a).
+
+    `per_round[c][r]` are the kept epochs of config c in round r. Ratios:
+    min(c)/min(a) (the least disturbed epoch of each), median(c)/median(a), and
+    the paired ratios (epoch j of round r of c over the same epoch of a).
+    """
+    epochs = {c: stats([t for rr in per_round[c] for t in rr]) for c in configs}
+    out: dict[str, Any] = {"epoch_seconds": epochs, "ratio_of_min": {}, "ratio_of_median": {},
+                           "paired_ratios": {}}
+    for c in configs:
+        if c == "a":
+            continue
+        key = f"{c}/a"
+        out["ratio_of_min"][key] = epochs[c]["min"] / epochs["a"]["min"]
+        out["ratio_of_median"][key] = epochs[c]["median"] / epochs["a"]["median"]
+        pairs = [per_round[c][r][j] / per_round["a"][r][j]
+                 for r in range(len(per_round["a"])) for j in range(len(per_round["a"][r]))]
+        out["paired_ratios"][key] = stats(pairs)
+        # Per round: the least disturbed epoch of c over that of a (same minute).
+        out.setdefault("round_min_ratios", {})[key] = stats(
+            [min(per_round[c][r]) / min(per_round["a"][r]) for r in range(len(per_round["a"]))])
+    return out
+
+
 # -------------------------------------------------------------- paired runs
-def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log) -> dict:
+def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log,
+              configs: tuple[str, ...] = DEFAULT_CONFIGS, batch_size: int = BATCH,
+              jit_compile: Any = "auto") -> dict:
     title, make_data, build = MODELS[key]
     x, y = make_data(n)
     x_ids = keras_sie.with_ids(x)
-    benches = {c: build(seed=7) for c in CONFIGS}  # identical initial weights
+    benches = {}
+    for c in configs:  # identical initial weights
+        benches[c] = build(seed=7)
+        if jit_compile != "auto":
+            benches[c].model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy",
+                                     jit_compile=jit_compile)
     tmp = tempfile.mkdtemp(prefix=f"sie_bench_{key}_")
     sie = keras_sie.SampleImportance(log_dir=tmp, verbose=0)
     end_times: list[float] = []
@@ -298,83 +374,78 @@ def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log) ->
     timed_method(sie, "on_epoch_begin", begin_times)
     sie_nomap = None
     nomap_end_times: list[float] = []
-    if HAS_DATA_MAP:
+    if "b_nomap" in configs:
         sie_nomap = keras_sie.SampleImportance(log_dir=tmp + "_nomap", verbose=0, data_map=False)
         timed_method(sie_nomap, "on_epoch_end", nomap_end_times)
-    baseline = SeparatePassBaseline(benches["c"], x, y)
-    clocks = {c: EpochClock() for c in CONFIGS}
-    per_round: dict[str, list[list[float]]] = {c: [] for c in CONFIGS}
+    baseline = SeparatePassBaseline(benches["c"], x, y, batch_size) if "c" in configs else None
+    clocks = {c: EpochClock() for c in configs}
+    per_round: dict[str, dict[str, list[list[float]]]] = {
+        k: {c: [] for c in configs} for k in CLOCKS}
     n_end_kept: list[float] = []
     nomap_end_kept: list[float] = []
     for r in range(rounds):
         # Rotate the order each round so that no configuration always runs first.
-        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
             clock = clocks[c]
             start = len(clock.times)
             n_end_before = len(end_times)
             nomap_before = len(nomap_end_times)
-            middle = {"a": [], "b": [sie], "b_nomap": [sie_nomap], "c": [baseline]}[c]
+            middle = {"b": [sie], "b_nomap": [sie_nomap], "c": [baseline]}.get(c, [])
             data_x = x_ids if c.startswith("b") else x
             benches[c].model.fit(
-                data_x, y, batch_size=BATCH, epochs=warmup + measured, shuffle=True,
+                data_x, y, batch_size=batch_size, epochs=warmup + measured, shuffle=True,
                 verbose=0, callbacks=[clock.first, *middle, clock.last],
             )
-            kept = clock.times[start + warmup:]
-            per_round[c].append(kept)
+            per_round["wall"][c].append(clock.times[start + warmup:])
+            per_round["cpu"][c].append(clock.cpu_times[start + warmup:])
             if c == "b":
                 n_end_kept.extend(end_times[n_end_before + warmup:])
             if c == "b_nomap":
                 nomap_end_kept.extend(nomap_end_times[nomap_before + warmup:])
-        log(f"  {key} round {r + 1}/{rounds}: " + "  ".join(
-            f"{c}={statistics.median(per_round[c][-1]):.2f}s" for c in CONFIGS
+        log(f"  {key} round {r + 1}/{rounds} cpu s/epoch: " + "  ".join(
+            f"{c}={min(per_round['cpu'][c][-1]):.3f}" for c in configs
+        ) + "  wall: " + " ".join(
+            f"{c}={min(per_round['wall'][c][-1]):.2f}" for c in configs
         ) + f"  load={os.getloadavg()[0]:.1f}")
-    # Paired ratios: epoch j of round r of b (c) against the same of a.
-    others = [c for c in CONFIGS if c != "a"]
-    ratios: dict[str, list[float]] = {f"{c}/a": [] for c in others}
-    for r in range(rounds):
-        for j in range(measured):
-            a = per_round["a"][r][j]
-            for c in others:
-                ratios[f"{c}/a"].append(per_round[c][r][j] / a)
-    epoch = {c: stats([t for rr in per_round[c] for t in rr]) for c in CONFIGS}
-    med_b = epoch["b"]["median"]
-    end_stats = stats(n_end_kept)
-    device = buffer_device_bytes(sie)
-    # The score is the same quantity in (b) and (c); check they agree in rank
-    # (the baseline's pass runs after the epoch's updates, so not identical).
-    agreement = None
-    if sie.importance is not None and baseline.importance is not None:
-        from scipy.stats import spearmanr  # optional; only for the sanity check
-
-        agreement = float(spearmanr(sie.importance, baseline.importance).statistic)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(tmp + "_nomap", ignore_errors=True)
-    return {
+    clocks_out = {k: paired_summary(per_round[k], configs) for k in CLOCKS}
+    res: dict[str, Any] = {
         "title": title,
         "num_samples": n,
-        "batch_size": BATCH,
+        "batch_size": batch_size,
+        "jit_compile": jit_compile,
         "rounds": rounds,
         "warmup_epochs_per_fit": warmup,
         "measured_epochs_per_fit": measured,
-        "epoch_seconds": epoch,
-        "configs": {c: CONFIG_LABEL[c] for c in CONFIGS},
-        "ratio_of_median_epochs": {
-            f"{c}/a": epoch[c]["median"] / epoch["a"]["median"] for c in others
-        },
-        "paired_ratios": {k: stats(v) for k, v in ratios.items()},
-        "epoch_end_seconds": end_stats,
-        "epoch_end_share_of_epoch": end_stats["median"] / med_b,
-        "epoch_end_seconds_data_map_off": stats(nomap_end_kept) if nomap_end_kept else None,
-        "epoch_end_share_of_epoch_data_map_off": (
-            statistics.median(nomap_end_kept) / epoch["b_nomap"]["median"]
-            if nomap_end_kept else None
-        ),
-        "epoch_begin_seconds": stats(begin_times[1:] or begin_times),
-        "device_buffer": device,
-        "spearman_b_vs_c_last_epoch": agreement,
+        "configs": {c: CONFIG_LABEL[c] for c in configs},
+        "cpu": clocks_out["cpu"],
+        "wall": clocks_out["wall"],
         "raw_epoch_seconds": per_round,
     }
+    # Back-compatible keys (wall clock), as in earlier versions of this script.
+    res["epoch_seconds"] = clocks_out["wall"]["epoch_seconds"]
+    res["ratio_of_median_epochs"] = clocks_out["wall"]["ratio_of_median"]
+    res["paired_ratios"] = clocks_out["wall"]["paired_ratios"]
+    if "b" in configs and n_end_kept:
+        end_stats = stats(n_end_kept)
+        res["epoch_end_seconds"] = end_stats
+        res["epoch_end_share_of_epoch"] = end_stats["median"] / res["epoch_seconds"]["b"]["median"]
+        res["epoch_begin_seconds"] = stats(begin_times[1:] or begin_times)
+        res["device_buffer"] = buffer_device_bytes(sie)
+    if nomap_end_kept:
+        res["epoch_end_seconds_data_map_off"] = stats(nomap_end_kept)
+        res["epoch_end_share_of_epoch_data_map_off"] = (
+            statistics.median(nomap_end_kept) / res["epoch_seconds"]["b_nomap"]["median"])
+    # The score is the same quantity in (b) and (c); check they agree in rank
+    # (the baseline's pass runs after the epoch's updates, so not identical).
+    if baseline is not None and sie.importance is not None and baseline.importance is not None:
+        from scipy.stats import spearmanr  # optional; only for the sanity check
+
+        res["spearman_b_vs_c_last_epoch"] = float(
+            spearmanr(sie.importance, baseline.importance).statistic)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp + "_nomap", ignore_errors=True)
+    return res
 
 
 # -------------------------------------------------------------------- memory
@@ -411,13 +482,14 @@ def _status_kb(field: str) -> float:
     return float("nan")
 
 
-def measure_memory(keys: list[str], n: int, epochs: int, log) -> dict:
+def measure_memory(keys: list[str], n: int, epochs: int, log, threads_arg: int = 1) -> dict:
     out: dict[str, dict] = {}
     for key in keys:
         out[key] = {}
         for config in ("a", "b", "b_nomap") if HAS_DATA_MAP else ("a", "b"):
             cmd = [sys.executable, os.path.abspath(__file__), "--only", config, "--model", key,
-                   "--num-samples", str(n), "--epochs", str(epochs)]
+                   "--num-samples", str(n), "--epochs", str(epochs),
+                   "--threads", str(threads_arg)]
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -539,7 +611,30 @@ def machine_info() -> dict:
         "numpy": np.__version__,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
         "platform": platform.platform(),
+        "keras_sie": keras_sie_source(),
     }
+
+
+def keras_sie_source() -> dict[str, Any]:
+    """Where the measured keras_sie was imported from, and its git commit if known."""
+    where = os.path.dirname(os.path.abspath(keras_sie.__file__))
+    commit = None
+    marker = os.path.join(os.path.dirname(where), "COMMIT")  # a `git archive` copy
+    if os.path.exists(marker):
+        with open(marker) as f:
+            commit = f.read().strip()
+    else:
+        try:
+            commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], check=False,
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "."],
+                                   check=False, capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            if dirty:
+                commit += " (with uncommitted changes)"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"path": where, "commit": commit}
 
 
 def mem_available_mib() -> float:
@@ -558,26 +653,35 @@ def format_report(res: dict) -> str:
                  f"{res['loadavg_start']} / {res['loadavg_end']}")
     lines.append("")
     if res["models"]:
-        ratio_keys = list(next(iter(res["models"].values()))["paired_ratios"])
-        lines.append("Epoch time ratios against (a), paired epochs, min / **median** / max:")
+        lines.append(f"TensorFlow threads: intra-op {res.get('threads', {}).get('intra_op')}, "
+                     f"inter-op {res.get('threads', {}).get('inter_op')}. Per epoch, first epoch "
+                     "of every fit dropped; ratios against (a) plain fit.")
+        for clock, name in (("cpu", "CPU seconds (process time)"), ("wall", "wall seconds")):
+            if not all(clock in r for r in res["models"].values()):
+                continue
+            lines.append("")
+            lines.append(f"{name}: (a) min / median; for each config, "
+                         "ratio of minima / ratio of medians [paired ratios min-max]")
+            lines.append("")
+            keys = list(next(iter(res["models"].values()))[clock]["ratio_of_min"])
+            lines.append("| model | (a) s/epoch min / median |" + "".join(f" {k} |" for k in keys))
+            lines.append("|---|---:|" + "---:|" * len(keys))
+            for r in res["models"].values():
+                c = r[clock]
+                a = c["epoch_seconds"]["a"]
+                cells = "".join(
+                    f" {c['ratio_of_min'][k]:.3f} / **{c['ratio_of_median'][k]:.3f}** "
+                    f"[{c['paired_ratios'][k]['min']:.2f}-{c['paired_ratios'][k]['max']:.2f}] |"
+                    for k in keys)
+                label = r["title"] + (f", batch {r['batch_size']}" if r["batch_size"] != BATCH
+                                      else "") + (", XLA" if r.get("jit_compile") is True else "")
+                lines.append(f"| {label} | {a['min']:.3f} / {a['median']:.3f} |{cells}")
         lines.append("")
-        lines.append("| model | (a) s/epoch, median |" + "".join(f" {k} |" for k in ratio_keys)
-                     + " epoch end, share of (b) epoch |")
-        lines.append("|---|---:|" + "---:|" * (len(ratio_keys) + 1))
-        for r in res["models"].values():
-            cells = "".join(
-                " {min:.2f} / **{median:.2f}** / {max:.2f} |".format(**r["paired_ratios"][k])
-                for k in ratio_keys
-            )
-            end_cell = (f" {r['epoch_end_seconds']['median'] * 1e3:.0f} ms = "
-                        f"{100 * r['epoch_end_share_of_epoch']:.1f} %")
-            if r.get("epoch_end_seconds_data_map_off"):
-                end_cell += (f" (data_map=False: "
-                             f"{r['epoch_end_seconds_data_map_off']['median'] * 1e3:.0f} ms = "
-                             f"{100 * r['epoch_end_share_of_epoch_data_map_off']:.1f} %)")
-            lines.append(f"| {r['title']} | {r['epoch_seconds']['a']['median']:.2f} |{cells}"
-                         f"{end_cell} |")
-        lines.append("")
+        end = [f"{k.upper()} {r['epoch_end_seconds']['median'] * 1e3:.0f} ms "
+               f"({100 * r['epoch_end_share_of_epoch']:.1f} % of a (b) epoch, wall)"
+               for k, r in res["models"].items() if r.get("epoch_end_seconds")]
+        if end:
+            lines.append("SampleImportance.on_epoch_end, median: " + "; ".join(end) + ".")
         lines.append("Configurations: " + "; ".join(
             f"{k} = {v}" for k, v in next(iter(res["models"].values()))["configs"].items()) + ".")
     if res.get("memory"):
@@ -636,9 +740,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the child-process RSS runs")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
     p.add_argument("--scaling-sizes", default=None, help="comma list of N for the scaling run")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="comma list of " + ",".join(ALL_CONFIGS) + " (default: a,a2,b); "
+                   "a is always run, as the reference")
+    p.add_argument("--threads", type=int, default=1,
+                   help="TF intra-op and inter-op threads (default 1: CPU time then measures "
+                   "the work; 0: TensorFlow's default)")
+    p.add_argument("--batch-size", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    p.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                   help="compile(jit_compile=...) of every model (default: Keras's auto)")
     p.add_argument("--only", choices=["a", "b", "b_nomap"], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    threads = set_threads(args.threads)
 
     if args.only:  # memory child
         res = child_memory(args.model, args.only, args.num_samples or 100_000, args.epochs or 3)
@@ -653,6 +767,11 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys:
         if k not in MODELS:
             p.error(f"unknown model {k!r}; choose from {list(MODELS)}")
+    configs = tuple(dict.fromkeys(["a"] + [c.strip() for c in args.configs.split(",") if c.strip()]))
+    for c in configs:
+        if c not in ALL_CONFIGS:
+            p.error(f"unknown config {c!r}; choose from {list(ALL_CONFIGS)}")
+    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     if args.scaling_sizes:
         sizes = [int(float(s)) for s in args.scaling_sizes.split(",")]
     elif quick:
@@ -671,11 +790,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
         "quick": quick,
         "machine": machine_info(),
+        "threads": threads,
+        "clock_of_record": "cpu (process_time); wall is shown next to it",
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
         "models": {},
     }
     log(f"keras_sie overhead benchmark: N={n:,} rounds={rounds} epochs/fit={args.warmup}+{measured} "
-        f"load={res['loadavg_start']}")
+        f"configs={','.join(configs)} threads={threads} load={res['loadavg_start']}")
     def checkpoint() -> None:  # keep what is measured if a later stage fails
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -683,11 +804,12 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(res, f, indent=1)
 
     for key in keys:
-        res["models"][key] = run_model(key, n, rounds, args.warmup, measured, log)
+        res["models"][key] = run_model(key, n, rounds, args.warmup, measured, log, configs,
+                                       args.batch_size, jit)
         checkpoint()
     if not args.no_memory and not quick and keys:
         log("peak RSS, one child process per configuration:")
-        res["memory"] = measure_memory(keys, n, args.warmup + measured, log)
+        res["memory"] = measure_memory(keys, n, args.warmup + measured, log, args.threads)
         checkpoint()
     if not args.no_scaling:
         log("scaling run (epoch-end cost vs num_samples):")
