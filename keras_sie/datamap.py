@@ -133,6 +133,7 @@ def render_data_map(
     max_points: int = MAX_POINTS,
     width: int = 640,
     height: int = 480,
+    cartography: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray | None:
     """Draws the data map of one epoch as an RGB image.
 
@@ -154,6 +155,11 @@ def render_data_map(
             with a fixed seed. Defaults to 20,000.
         width: Image width in pixels. Defaults to 640.
         height: Image height in pixels. Defaults to 480.
+        cartography: Optional `(mean confidence [N], confidence std [N])`
+            over the visits so far (the `"confidence"` signal): draws the
+            dataset-cartography map (Swayamdipta et al. 2020), confidence (y)
+            against variability (x), coloured by this epoch's importance.
+            Defaults to None.
 
     Returns:
         A `[height, width, 3]` uint8 array, or None when matplotlib is not
@@ -175,7 +181,19 @@ def render_data_map(
 
     c = data_map_coordinates(importance_history, visits, epoch, max_points=max_points)
     n_epochs = len(c["epochs"])
-    if loss is None:
+    colour, colour_label, vmin, vmax = c["top_fraction"], "share of epochs in the top 10 %", 0, 1
+    if cartography is not None:
+        mean_conf, std_conf = (np.asarray(a, dtype=np.float64) for a in cartography)
+        x, y = std_conf[c["index"]], mean_conf[c["index"]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            colour = np.log10(c["latest"])
+        finite = np.isfinite(colour)
+        vmin = float(np.min(colour[finite])) if finite.any() else -1.0
+        vmax = float(np.max(colour[finite])) if finite.any() else 1.0
+        colour_label = f"log10 N·I in epoch {epoch}"
+        xlabel = "variability  (std of confidence over visits)"
+        ylabel = "confidence  (mean p of the assigned class)"
+    elif loss is None:
         x, y = c["mean"], c["cv"]
         first = int(c["epochs"][0])
         span = f"epochs {first}-{epoch}" if n_epochs > 1 else f"epoch {epoch}"
@@ -193,10 +211,15 @@ def render_data_map(
     # Fixed margins instead of tight_layout (which costs a second full draw).
     ax = fig.add_axes((0.11, 0.12, 0.74, 0.8))
     cax = fig.add_axes((0.87, 0.12, 0.025, 0.8))
-    if x.size:
+    if x.size and cartography is not None:
+        points = ax.scatter(x, y, c=colour, s=8, alpha=0.6, linewidths=0, cmap="viridis",
+                            vmin=vmin, vmax=vmax, rasterized=True)
+        cbar = fig.colorbar(points, cax=cax)
+        cbar.set_label(colour_label, fontsize=12)
+    elif x.size:
         points = ax.scatter(
-            x, y, c=c["top_fraction"], s=8, alpha=0.6, linewidths=0,
-            cmap="viridis", vmin=0.0, vmax=1.0, rasterized=True,
+            x, y, c=colour, s=8, alpha=0.6, linewidths=0,
+            cmap="viridis", vmin=vmin, vmax=vmax, rasterized=True,
         )
         ax.set_xscale("log")
         # Plain tick labels (0.1, 1, 10; minor ones too when less than a decade
@@ -208,16 +231,18 @@ def render_data_map(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(minor))
         cbar = fig.colorbar(points, cax=cax)
-        cbar.set_label("share of epochs in the top 10 %", fontsize=12)
+        cbar.set_label(colour_label, fontsize=12)
     else:
         cax.set_axis_off()
-    ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
+    if cartography is None:
+        ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
     ax.set_xlabel(xlabel, fontsize=12)
     ax.set_ylabel(ylabel, fontsize=12)
     ax.tick_params(labelsize=11)
     shown = f"{x.size:,} of {c['n_visited']:,} samples"
-    ax.set_title(f"data map, epoch {epoch}: {shown}", fontsize=13)
-    if loss is None and n_epochs < 2:
+    kind = "cartography" if cartography is not None else "data map"
+    ax.set_title(f"{kind}, epoch {epoch}: {shown}", fontsize=13)
+    if loss is None and cartography is None and n_epochs < 2:
         ax.text(0.02, 0.95, "variability needs 2+ epochs", transform=ax.transAxes,
                 va="top", fontsize=11, color="0.3")
     ax.grid(True, which="major", alpha=0.3)

@@ -174,7 +174,14 @@ class EpochReporter:
         try:
             t0 = time.perf_counter()
             history = {e: v for e, v in record.history.items() if e <= number}
-            image = render_data_map(history, record.epoch(number).visits, number)
+            cartography = None
+            if "confidence" in record.signals:  # dataset cartography
+                with np.errstate(all="ignore"):
+                    means = np.stack([record.signal("confidence", epoch=e) for e in history])
+                    mean = np.nanmean(means, axis=0)
+                cartography = (mean, record.signal("confidence_std", epoch=number))
+            image = render_data_map(history, record.epoch(number).visits, number,
+                                    cartography=cartography)
             self._map_cost = time.perf_counter() - t0
             self._map_budget -= self._map_cost
         except Exception as e:  # a picture must not stop the scores

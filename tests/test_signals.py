@@ -217,3 +217,27 @@ def test_stratified_selection_keeps_coverage_and_drops_the_hardest():
     assert keep.size == 100 and set(range(500, 510)) <= set(keep.tolist())
     with pytest.raises(ValueError, match="exactly one of top=, bottom=, band= or stratified="):
         keras_sie.select(scores, top=3, stratified=3)
+
+
+def test_with_confidence_recorded_the_data_map_is_the_cartography_map(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from keras_sie import datamap, reporting
+
+    seen = {}
+
+    def spy(history, visits, epoch, **kwargs):
+        seen[epoch] = kwargs.get("cartography")
+        return datamap.render_data_map(history, visits, epoch, **kwargs)
+
+    monkeypatch.setattr(reporting, "render_data_map", spy)
+    x, y = _softmax_problem(n=40)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), signals=("confidence",),
+                                     data_map=True, verbose=0)
+    model.fit(keras_sie.with_ids(x), y, batch_size=8, epochs=2, callbacks=[sie], verbose=0)
+    mean, std = seen[1]
+    assert_close_to_max(std, sie.signal("confidence_std"), rel=1e-9)
+    assert_close_to_max(mean, (sie.signal("confidence", epoch=0)
+                               + sie.signal("confidence", epoch=1)) / 2, rel=1e-9)
