@@ -592,11 +592,10 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 "on_invalid_id='skip' to leave such rows out (they are counted and logged)."
             )
 
-    @staticmethod
-    def _supported() -> str:
+    def _supported(self) -> str:
         from keras_sie.adapters.keras3 import SUPPORTED
 
-        return SUPPORTED
+        return getattr(self._adapter, "supported", SUPPORTED)
 
     def _add_epoch(self, number: int, keras_epoch: int, snap) -> None:
         importance = scores_lib.normalize(snap.sums, snap.visits).astype(np.float32)

@@ -218,6 +218,8 @@ def _feature_plan(config: FitConfig, adapter, x_spec) -> tuple[list[str], tuple,
     leaves = tf.nest.flatten(x_spec)
     input_names = adapter.input_names(x_spec)
     trace = adapter.trace_forward(x_spec)
+    # Inputs the adapter found feeding only the loss's targets (e.g. a TFRS label).
+    targets = set(getattr(adapter, "target_leaves", ()) or ())
     features = set(config.features) if config.features is not None else None
 
     # Embedding groups: one per layer with a per-sample (batch-major) output.
@@ -252,6 +254,8 @@ def _feature_plan(config: FitConfig, adapter, x_spec) -> tuple[list[str], tuple,
             )
     else:
         for i, (name, leaf) in enumerate(zip(input_names, leaves)):
+            if i in targets:
+                continue  # feeds only the loss's labels/weights (TFRS tasks)
             if not leaf.dtype.is_floating and i not in reached:
                 raise ValueError(
                     f"Input {name!r} has dtype {leaf.dtype.name} and reaches no Embedding "
@@ -264,6 +268,8 @@ def _feature_plan(config: FitConfig, adapter, x_spec) -> tuple[list[str], tuple,
     names: list[str] = []
     watched, leaf_groups = [], []
     for i, (name, leaf) in enumerate(zip(input_names, leaves)):
+        if features is None and i in targets:
+            continue
         if leaf.dtype.is_floating and (features is None or name in features):
             watched.append(i)
             leaf_groups.append(len(names))

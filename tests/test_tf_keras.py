@@ -29,14 +29,14 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() not in ("1", "true"):
 tf_keras = pytest.importorskip("tf_keras")
 tfrs = pytest.importorskip("tensorflow_recommenders")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from conftest import assert_close_to_max, linear_problem  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from conftest import assert_close_to_max, linear_problem
 
-import keras_sie  # noqa: E402
-from keras_sie import datasets  # noqa: E402
-from keras_sie.adapters import adapter_for  # noqa: E402
-from keras_sie.adapters import tf_keras as tfk_adapter  # noqa: E402
+import keras_sie
+from keras_sie import datasets
+from keras_sie.adapters import adapter_for
+from keras_sie.adapters import tf_keras as tfk_adapter
 
 _INSTALLED = {"train_step", "test_step", "make_train_function", "make_test_function",
               "_keras_sie_hook"}
@@ -338,9 +338,10 @@ def test_tfrs_basic_ranking_on_the_reviews_scores_every_row_and_trains_identical
     assert np.isfinite(sie.importance).all()
     assert sie.importance.sum() == pytest.approx(1.0, abs=1e-5)
     shares = sie.feature_importance
-    # Named Embeddings are reported by name; the label is not a feature: not scored.
+    # Named Embeddings are reported by name; the label feeds only the task's loss:
+    # not a feature group at all.
     assert shares["user_embedding"] > 0 and shares["item_embedding"] > 0
-    assert shares["rating"] == 0.0
+    assert "rating" not in shares
     _assert_unpatched(model)
     run = keras_sie.load(str(tmp_path))
     assert run.epochs == [0, 1]
@@ -457,6 +458,6 @@ def test_mirrored_strategy_on_two_cpu_replicas_is_exact(reduction, tmp_path):
     script.write_text(_MIRRORED)
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, str(script), reduction], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok 2" in out.stdout

@@ -590,6 +590,7 @@ class Keras3Adapter:
     """
 
     generation = "keras3"
+    supported = SUPPORTED
 
     def __init__(self, model: keras.Model):
         self.model = model
@@ -907,6 +908,10 @@ def prepare_distributed(model: keras.Model, id_key: str = ids_lib.DEFAULT_ID_KEY
     model.fit(keras_sie.with_ids(x), y, callbacks=[keras_sie.SampleImportance()])
     ```
     """
+    if "tf_keras" in type(model).__module__ or any(
+        (cls.__module__ or "").startswith("tf_keras") for cls in type(model).__mro__
+    ):
+        return model  # tf_keras builds the model inside the step: nothing to prepare
     Keras3Adapter(model).check_supported()
 
     def _maybe_symbolic_build(iterator=None, data_batch=None):

@@ -513,6 +513,8 @@ class TfKerasAdapter:
             `tfrs.models.Model`).
     """
 
+    supported = SUPPORTED
+
     generation = "tf_keras"
 
     def __init__(self, model):
@@ -539,15 +541,15 @@ class TfKerasAdapter:
         ):
             _private(what)
         tfrs_model = _tfrs_model_class()
-        if tfrs_model is not None and type(self.model).train_step is tfrs_model.train_step:
-            if _sha256(tfrs_model.train_step) != TFRS_TRAIN_STEP_SHA256:
-                tfrs = sys.modules["tensorflow_recommenders"]
-                raise RuntimeError(
-                    f"keras_sie: TensorFlow Recommenders {getattr(tfrs, '__version__', '?')} "
-                    "has a `tfrs.models.Model.train_step` other than the one keras_sie's fused "
-                    f"step copies ({TFRS_TRAIN_STEP_COPIED_FROM}). keras_sie supports "
-                    f"{SUPPORTED}. Install a supported version, or remove the callback."
-                )
+        if (tfrs_model is not None and type(self.model).train_step is tfrs_model.train_step
+                and _sha256(tfrs_model.train_step) != TFRS_TRAIN_STEP_SHA256):
+            tfrs = sys.modules["tensorflow_recommenders"]
+            raise RuntimeError(
+                f"keras_sie: TensorFlow Recommenders {getattr(tfrs, '__version__', '?')} "
+                "has a `tfrs.models.Model.train_step` other than the one keras_sie's fused "
+                f"step copies ({TFRS_TRAIN_STEP_COPIED_FROM}). keras_sie supports "
+                f"{SUPPORTED}. Install a supported version, or remove the callback."
+            )
 
     def step_kind(self) -> str:
         """"keras2" (tf_keras's own train_step), "tfrs" (TFRS's), or "custom"."""
