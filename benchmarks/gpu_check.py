@@ -152,8 +152,7 @@ def cmd_placement(out: str) -> int:
     class _Look(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             buf = sie._buffer  # benchmark introspection
-            seen["variables"] = {v.name: v.device for v in (buf.sums, buf.visits,
-                                                            buf.invalid_rows)}
+            seen["variables"] = {v.name: v.device for v in buf.variables}
             seen["model_kernel"] = model.layers[0].kernel.value.device
 
     model.fit(keras_sie.with_ids(x), y, batch_size=64, epochs=1, verbose=0,

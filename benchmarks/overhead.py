@@ -289,11 +289,10 @@ def buffer_device_bytes(sie: keras_sie.SampleImportance) -> dict[str, int]:
     buf = sie._buffer  # benchmark introspection of the live buffer
     per_sample = 0
     total = 0
-    for var in (buf.sums, buf.visits, buf.feature_sums, buf.invalid_rows,
-                buf.invalid_example, buf.nonfinite_rows, buf.dropped_rows):
+    for var in buf.variables:
         nbytes = int(var.shape.num_elements()) * var.dtype.size
         total += nbytes
-        if var.shape.rank == 1 and var.shape[0] == buf.num_samples:
+        if var.shape.rank >= 1 and var.shape[0] in (buf.num_samples, buf.num_samples + 1):
             per_sample += nbytes
     return {
         "num_samples": buf.num_samples,

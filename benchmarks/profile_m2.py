@@ -73,17 +73,23 @@ VARIANTS = {
 
 
 # --------------------------------------------------------------- patches
-def _noacc(self, ids, per_feature_rows, scale, per_task_rows=None, step_ok=None):
-    buffer_lib._assign_add(self.steps, tf.constant(1, tf.int64))
+def _step_counter(self):
+    # counters[0] counts steps (keras_sie.buffer._COUNTERS); the epoch-end guard needs it.
+    one = tf.one_hot(0, len(buffer_lib._COUNTERS), dtype=tf.int64)
+    buffer_lib._assign_add(self.counters, one)
 
 
-def _lean(self, ids, per_feature_rows, scale, per_task_rows=None, step_ok=None):
-    buffer_lib._assign_add(self.steps, tf.constant(1, tf.int64))
+def _noacc(self, ids, per_feature_rows, scale, per_task_rows=None, step_ok=None, **kwargs):
+    _step_counter(self)
+
+
+def _lean(self, ids, per_feature_rows, scale, per_task_rows=None, step_ok=None, **kwargs):
+    _step_counter(self)
     slots = tf.cast(tf.reshape(ids, [-1]), tf.int64)
     total = tf.add_n([tf.cast(r, tf.float32) for r in per_feature_rows])
     total = total * tf.cast(scale, tf.float32)
-    buffer_lib._scatter_add(self.sums, slots, total)
-    buffer_lib._scatter_add(self.visits, slots, tf.ones_like(slots, tf.int32))
+    buffer_lib._scatter_add(self.sums_visits, slots,
+                            tf.stack([total, tf.ones_like(total)], axis=1))
 
 
 class PatchAccumulate(keras.callbacks.Callback):

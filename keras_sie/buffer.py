@@ -26,6 +26,10 @@ from keras_sie.signals import BYTES_PER_SAMPLE, SUMS
 MAX_FEATURE_GROUPS = 256
 
 _ON_READ = tf.VariableSynchronization.ON_READ
+# Per-epoch counters, in the order of the buffer's `counters` variable.
+_COUNTERS = ("steps", "skipped_steps", "invalid_rows", "nonfinite_rows", "dropped_rows",
+             "group_steps")
+_NO_ID = np.iinfo(np.int64).min  # invalid_example before any bad id
 _SUM = tf.VariableAggregation.SUM
 
 
@@ -66,13 +70,17 @@ def _read(var: tf.Variable) -> np.ndarray:
     return np.asarray(var.read_value())
 
 
-def _local_values(var: tf.Variable) -> list[np.ndarray]:
-    strategy = tf.distribute.get_strategy()
+def _local_variables(var: tf.Variable, strategy=None) -> list:
+    strategy = strategy or tf.distribute.get_strategy()
     try:
-        values = strategy.experimental_local_results(var)
+        return list(strategy.experimental_local_results(var))
     except Exception:  # noqa: BLE001 - not a distributed variable
-        values = (var,)
-    return [np.asarray(v.read_value() if hasattr(v, "read_value") else v) for v in values]
+        return [var]
+
+
+def _local_values(var: tf.Variable, strategy=None) -> list[np.ndarray]:
+    return [np.asarray(v.read_value() if hasattr(v, "read_value") else v)
+            for v in _local_variables(var, strategy)]
 
 
 @dataclasses.dataclass
@@ -117,22 +125,19 @@ class ImportanceBuffer:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         self.num_samples = int(num_samples)
         self.key_mapping = key_mapping
+        # The strategy whose scope created the variables: per-replica reads use it.
+        self.strategy = tf.distribute.get_strategy()
         self.key_dtype = key_dtype
         n = self.num_samples
-        self.sums = _replica_variable("sie_sums", [n], tf.float32)
-        self.visits = _replica_variable("sie_visits", [n], tf.int32)
+        # Column 0: sum over visits of sum_j |g_ij|; column 1: visits (a float
+        # count is exact below 2^24 visits of one sample in one epoch). One
+        # variable, so each step scatters once.
+        self.sums_visits = _replica_variable("sie_sums_visits", [n, 2], tf.float32)
         self.feature_sums = _replica_variable("sie_feature_sums", [MAX_FEATURE_GROUPS], tf.float32)
-        self.invalid_rows = _replica_variable("sie_invalid_rows", [], tf.int64)
-        self.invalid_example = _replica_variable("sie_invalid_example", [], tf.int64)
-        self.nonfinite_rows = _replica_variable("sie_nonfinite_rows", [], tf.int64)
-        self.dropped_rows = _replica_variable("sie_dropped_rows", [], tf.int64)
-        self.steps = _replica_variable("sie_steps", [], tf.int64)
-        self.skipped_steps = _replica_variable("sie_skipped_steps", [], tf.int64)
-        # Feature groups of the last step (the same on every replica: max, not sum).
-        self.num_groups = tf.Variable(
-            tf.constant(0, tf.int32), trainable=False, name="sie_num_groups",
-            synchronization=_ON_READ, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
+        # Per-epoch counters, one variable updated once per step (see _COUNTERS).
+        self.counters = _replica_variable("sie_counters", [len(_COUNTERS)], tf.int64)
+        # The largest offending id of the epoch, per replica (a scatter-max).
+        self.invalid_example = _replica_variable("sie_invalid_example", [1], tf.int64, _NO_ID)
         # Per-output (task) sums of multi-output models: [num_samples, num_tasks].
         self.num_tasks = int(num_tasks)
         self.task_sums = (
@@ -167,7 +172,14 @@ class ImportanceBuffer:
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
         per_sample = 4 + 4 + 4 * self.num_tasks + sum(BYTES_PER_SAMPLE[s] for s in self.signals)
-        return self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + 7 * 8
+        return self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + (len(_COUNTERS) + 1) * 8
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """Every device variable of the buffer (for memory accounting and placement)."""
+        out = [self.sums_visits, self.feature_sums, self.counters, self.invalid_example]
+        out += [v for v in (self.task_sums, self.last_correct, self.forget_events) if v is not None]
+        return out + list(self.signal_vars.values())
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
@@ -215,11 +227,6 @@ class ImportanceBuffer:
                 f"{MAX_FEATURE_GROUPS} are supported."
             )
         ok = tf.constant(True) if step_ok is None else tf.reshape(step_ok, [])
-        _assign_add(self.steps, tf.constant(1, tf.int64))
-        _assign_add(self.skipped_steps, tf.cast(tf.logical_not(ok), tf.int64))
-        tf.raw_ops.AssignVariableOp(
-            resource=self.num_groups.handle, value=tf.constant(len(per_feature_rows), tf.int32)
-        )
         ids = tf.reshape(ids, [-1])
         if self.key_mapping == "hash":
             slots = self._slots_for_keys(tf.cast(ids, self.key_dtype))
@@ -233,31 +240,36 @@ class ImportanceBuffer:
         finite = tf.logical_or(tf.math.is_finite(total), tf.logical_not(ok))
         valid = tf.logical_and(tf.logical_and(known, finite), ok)
         safe_slots = tf.where(known, slots, tf.zeros_like(slots))
-        _scatter_add(self.sums, safe_slots, tf.where(valid, total, tf.zeros_like(total)))
-        _scatter_add(self.visits, safe_slots, tf.cast(valid, tf.int32))
+        # tf.where, not a multiply: a NaN row times 0 would still be NaN.
+        clean_total = tf.where(valid, total, tf.zeros_like(total))
+        _scatter_add(self.sums_visits, safe_slots,
+                     tf.stack([clean_total, tf.cast(valid, tf.float32)], axis=1))
         if self.task_sums is not None and per_task_rows:
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
             tasks = tasks * tf.cast(scale, tf.float32)
             tasks = tf.where(valid[:, None], tasks, tf.zeros_like(tasks))
             _scatter_add(self.task_sums, safe_slots, tasks)
         self._accumulate_signals(safe_slots, valid, signal_rows or {}, correct)
-        clean_rows = tf.where(valid[:, None], rows, tf.zeros_like(rows))
-        per_feature = tf.reduce_sum(clean_rows, axis=0)
+        per_feature = tf.reduce_sum(tf.where(valid[:, None], rows, tf.zeros_like(rows)), axis=0)
         pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
         _assign_add(self.feature_sums, tf.pad(per_feature, [[0, pad]]))
         unknown = tf.logical_not(known)
         n_unknown = tf.reduce_sum(tf.cast(unknown, tf.int64))
-        _assign_add(self.nonfinite_rows, tf.reduce_sum(tf.cast(tf.logical_and(known, ~finite), tf.int64)))
-        if self.key_mapping == "hash":
-            _assign_add(self.dropped_rows, n_unknown)
-        else:
-            _assign_add(self.invalid_rows, n_unknown)
-            # Remember one offending id (the first of this batch, if any).
-            first_bad = _first_masked(slots, unknown)
-            current = self.invalid_example.read_value()
-            tf.raw_ops.AssignVariableOp(
-                resource=self.invalid_example.handle,
-                value=tf.where(n_unknown > 0, first_bad, current),
+        zero = tf.constant(0, tf.int64)
+        hash_mode = self.key_mapping == "hash"
+        _assign_add(self.counters, tf.stack([
+            tf.constant(1, tf.int64),                                   # steps
+            tf.cast(tf.logical_not(ok), tf.int64),                      # skipped steps
+            zero if hash_mode else n_unknown,                           # invalid ids
+            tf.reduce_sum(tf.cast(tf.logical_and(known, ~finite), tf.int64)),  # NaN/Inf
+            n_unknown if hash_mode else zero,                           # dropped keys
+            tf.constant(len(per_feature_rows), tf.int64),               # groups x steps
+        ]))
+        if not hash_mode:
+            worst = tf.reduce_max(tf.where(unknown, slots, tf.fill(tf.shape(slots), _NO_ID)))
+            tf.raw_ops.ResourceScatterMax(
+                resource=self.invalid_example.handle, indices=tf.zeros([1], tf.int32),
+                updates=tf.reshape(worst, [1]),
             )
 
     def _accumulate_signals(self, slots, valid, signal_rows, correct) -> None:
@@ -298,23 +310,16 @@ class ImportanceBuffer:
     # ------------------------------------------------------------------- host
     def reset(self) -> None:
         """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
-        for var in (self.sums, self.visits, self.feature_sums, self.invalid_rows,
-                    self.invalid_example, self.nonfinite_rows, self.dropped_rows,
-                    self.steps, self.skipped_steps, self.task_sums, self.forget_events,
-                    *self.signal_vars.values()):
-            if var is None:
-                continue
-            var.assign(tf.zeros_like(var))
+        for var in (self.sums_visits, self.feature_sums, self.counters, self.task_sums,
+                    self.forget_events, *self.signal_vars.values()):
+            if var is not None:
+                var.assign(tf.zeros_like(var))
+        for v in _local_variables(self.invalid_example, self.strategy):
+            v.assign(tf.fill([1], tf.constant(_NO_ID, tf.int64)))
 
     def read(self) -> BufferSnapshot:
         """Reads everything once (sums the replicas)."""
-        invalid_per_replica = _local_values(self.invalid_rows)
-        example_per_replica = _local_values(self.invalid_example)
-        example = None
-        for count, value in zip(invalid_per_replica, example_per_replica):
-            if int(count) > 0:
-                example = int(value)
-                break
+        worst = max(int(v[0]) for v in _local_values(self.invalid_example, self.strategy))
         keys = None
         if self.table is not None:
             k, v = self.table.export()
@@ -324,27 +329,32 @@ class ImportanceBuffer:
             if k.dtype == object:
                 k = np.array([s.decode("utf-8", "replace") for s in k], dtype=str)
             keys = k
+        sums_visits = _read(self.sums_visits)
+        counters = dict(zip(_COUNTERS, (int(c) for c in _read(self.counters))))
+        steps = counters["steps"]
+        replicas = self.strategy.num_replicas_in_sync
         return BufferSnapshot(
-            sums=_read(self.sums).astype(np.float32),
-            visits=_read(self.visits).astype(np.int64),
+            sums=sums_visits[:, 0].astype(np.float32),
+            visits=np.rint(sums_visits[:, 1]).astype(np.int64),
             feature_sums=_read(self.feature_sums).astype(np.float64),
-            invalid_rows=int(_read(self.invalid_rows)),
-            invalid_example=example,
-            nonfinite_rows=int(_read(self.nonfinite_rows)),
-            dropped_rows=int(_read(self.dropped_rows)),
+            invalid_rows=counters["invalid_rows"],
+            invalid_example=None if worst == _NO_ID else worst,
+            nonfinite_rows=counters["nonfinite_rows"],
+            dropped_rows=counters["dropped_rows"],
             keys=keys,
             task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
             else None,
             signal_sums=self._read_signals(),
-            steps=int(_read(self.steps)),
-            skipped_steps=int(_read(self.skipped_steps)),
-            num_groups=int(_local_values(self.num_groups)[0]),
+            steps=steps,
+            skipped_steps=counters["skipped_steps"] // replicas,
+            num_groups=counters["group_steps"] // steps if steps else 0,
         )
 
     def _read_signals(self) -> dict[str, np.ndarray]:
         out = {name: _read(var) for name, var in self.signal_vars.items()}
         if self.forget_events is not None:
-            out["forgetting"] = _local_values(self.forget_events)[0].astype(np.int64)
+            out["forgetting"] = _local_values(self.forget_events, self.strategy)[0].astype(
+                np.int64)
         return out
 
     def restore_forgetting(self, last_correct: np.ndarray) -> None:
@@ -356,7 +366,8 @@ class ImportanceBuffer:
         """Per sample: -1 never visited, else whether its last visit was correct."""
         if self.last_correct is None:
             return None
-        return _local_values(self.last_correct)[0][: self.num_samples].astype(np.int8)
+        return _local_values(self.last_correct, self.strategy)[0][: self.num_samples].astype(
+            np.int8)
 
     def restore_keys(self, keys: np.ndarray) -> None:
         """Reloads the key→slot table (resume of a hash-mode run)."""
@@ -365,12 +376,3 @@ class ImportanceBuffer:
         k = tf.constant(keys, dtype=self.key_dtype)
         self.table.insert(k, tf.range(len(keys), dtype=tf.int64))
         self.next_slot.assign(len(keys))
-
-
-def _first_masked(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """First element of `values` where `mask` is true (0 when none); XLA-safe."""
-    # A trailing sentinel keeps argmax defined on an empty batch: under a
-    # distribution strategy a short last batch can leave a replica no rows.
-    flags = tf.concat([tf.cast(mask, tf.int32), tf.ones([1], tf.int32)], axis=0)
-    padded = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
-    return tf.gather(padded, tf.argmax(flags, output_type=tf.int32))

@@ -494,7 +494,9 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             return
         with self._restoring_on_error():
             snap = self._buffer.read()
-            self._check_epoch(snap)
+            # Keras returns no metrics for an epoch that saw no batch.
+            trained = logs is None or any(not str(k).startswith("sie_") for k in logs)
+            self._check_epoch(snap, trained)
         if self._reporter.disabled:
             return
         number = self._record.next_number
@@ -566,9 +568,9 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             self._record._keys = saved._keys
         self._restore_state(self._buffer, self._record)
 
-    def _check_epoch(self, snap) -> None:
+    def _check_epoch(self, snap, trained: bool) -> None:
         """Configuration/data errors found at epoch end: raised, never swallowed."""
-        if snap.steps == 0:
+        if snap.steps == 0 and trained:  # Keras trained, but not through our step
             if self._hook is not None and not self._hook.fused:
                 raise RuntimeError(
                     "SampleImportance recorded nothing this epoch: the model overrides "
