@@ -349,6 +349,10 @@ def to_sample_weight(
             (e.g. the ids of the rows of your training arrays). Unknown ids
             raise a `KeyError`. By default one weight per scored sample, in
             the order of the run's keys (with `with_ids`: row order).
+            Ranked lists: pass the `[N, L]` item ids (for
+            `x = keras_sie.with_ids(x, list_axis=1)`, `x["sample_id"]["item"]`)
+            to get `[N, L]` per-item weights; padding ids (negative) get
+            weight 0.
 
     Returns:
         float32 numpy array of weights.
@@ -367,6 +371,12 @@ def to_sample_weight(
         lo, hi = clip
         w = np.clip(w, -np.inf if lo is None else lo, np.inf if hi is None else hi)
     if for_keys is not None:
+        for_keys = np.asarray(for_keys)
+        if for_keys.ndim == 2 and for_keys.dtype.kind in "iu":  # ranked lists: [N, L]
+            real = for_keys >= 0
+            out = np.zeros(for_keys.shape, np.float64)
+            out[real] = _lookup(s.keys, w, for_keys[real])
+            return out.astype(np.float32)
         w = _lookup(s.keys, w, for_keys)
     return w.astype(np.float32)
 

@@ -96,6 +96,8 @@ class BufferSnapshot:
     dropped_rows: int  # rows with a new key after capacity was reached (hash mode)
     keys: np.ndarray | None  # original keys by slot (hash mode), else None
     task_sums: np.ndarray | None = None  # float32 [num_samples, num_tasks] (multi-output)
+    queries: BufferSnapshot | None = None  # ranked lists: the per-query buffer's snapshot
+    item_query: np.ndarray | None = None  # ranked lists: int64 [num_samples], -1 unknown
     signal_sums: dict = dataclasses.field(default_factory=dict)  # name -> float32 [N] sums
     steps: int = 0  # steps that reached the buffer this epoch (all replicas)
     skipped_steps: int = 0  # steps the loss-scale optimizer skipped (overflow)
@@ -160,6 +162,9 @@ class ImportanceBuffer:
         if "forgetting" in self.signals:
             self.last_correct = _first_replica_variable("sie_last_correct", [n + 1], tf.int32, -1)
             self.forget_events = _first_replica_variable("sie_forget_events", [n], tf.int32)
+        # Ranked lists (`attach_queries`): the per-query buffer and each item's query.
+        self.queries: ImportanceBuffer | None = None
+        self.item_query = None
         self.table = None
         if key_mapping == "hash":
             # Keys persist across epochs (a slot keeps its key for the whole run).
@@ -168,17 +173,34 @@ class ImportanceBuffer:
             )
             self.next_slot = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sie_next_slot")
 
+    def attach_queries(self, num_queries: int) -> ImportanceBuffer:
+        """Ranked lists: adds a per-query buffer and each item's query id (call in scope).
+
+        The query buffer accumulates list-level scores (`StepHook` in list
+        mode); `item_query` keeps, per item slot, the query it was seen in
+        (a scatter-max; -1 before its first visit), persisting across epochs.
+        """
+        if self.queries is None:
+            self.queries = ImportanceBuffer(num_queries)
+            self.item_query = _replica_variable("sie_item_query", [self.num_samples], tf.int64, -1)
+        return self.queries
+
     @property
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
         per_sample = 4 + 4 + 4 * self.num_tasks + sum(BYTES_PER_SAMPLE[s] for s in self.signals)
-        return self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + (len(_COUNTERS) + 1) * 8
+        total = self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + (len(_COUNTERS) + 1) * 8
+        if self.queries is not None:
+            total += self.queries.nbytes + 8 * self.num_samples
+        return total
 
     @property
     def variables(self) -> list[tf.Variable]:
         """Every device variable of the buffer (for memory accounting and placement)."""
         out = [self.sums_visits, self.feature_sums, self.counters, self.invalid_example]
         out += [v for v in (self.task_sums, self.last_correct, self.forget_events) if v is not None]
+        if self.queries is not None:
+            out += [self.item_query] + self.queries.variables
         return out + list(self.signal_vars.values())
 
     # ----------------------------------------------------------------- in-step
@@ -203,6 +225,7 @@ class ImportanceBuffer:
         step_ok: tf.Tensor | None = None,
         signal_rows: dict[str, tf.Tensor] | None = None,
         correct: tf.Tensor | None = None,
+        padding: bool = False,
     ) -> None:
         """Adds one batch. Runs inside the compiled step.
 
@@ -220,6 +243,8 @@ class ImportanceBuffer:
                 `"el2n"`, `"margin"`, `"confidence"`).
             correct: [B] bool, whether each row is classified correctly
                 (the `"forgetting"` signal).
+            padding: Negative ids mark padding (ranked lists): such rows are
+                left out without being counted as invalid. Index mode only.
         """
         if len(per_feature_rows) > MAX_FEATURE_GROUPS:
             raise ValueError(
@@ -254,6 +279,8 @@ class ImportanceBuffer:
         pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
         _assign_add(self.feature_sums, tf.pad(per_feature, [[0, pad]]))
         unknown = tf.logical_not(known)
+        if padding:
+            unknown = tf.logical_and(unknown, slots >= 0)
         n_unknown = tf.reduce_sum(tf.cast(unknown, tf.int64))
         zero = tf.constant(0, tf.int64)
         hash_mode = self.key_mapping == "hash"
@@ -308,8 +335,21 @@ class ImportanceBuffer:
         )
 
     # ------------------------------------------------------------------- host
+    def accumulate_item_queries(self, item_ids: tf.Tensor, query_ids: tf.Tensor) -> None:
+        """Records each item's query (ranked lists; in-step). Padding/unknown ids skip."""
+        items = tf.reshape(tf.cast(item_ids, tf.int64), [-1])
+        queries = tf.reshape(tf.broadcast_to(tf.cast(query_ids, tf.int64)[:, None],
+                                             tf.shape(item_ids)), [-1])
+        ok = tf.logical_and(items >= 0, items < self.num_samples)
+        tf.raw_ops.ResourceScatterMax(
+            resource=self.item_query.handle, indices=tf.where(ok, items, tf.zeros_like(items)),
+            updates=tf.where(ok, queries, tf.fill(tf.shape(queries), tf.constant(-1, tf.int64))),
+        )
+
     def reset(self) -> None:
         """Zeroes the per-epoch accumulators (keys of hash mode persist)."""
+        if self.queries is not None:
+            self.queries.reset()
         for var in (self.sums_visits, self.feature_sums, self.counters, self.task_sums,
                     self.forget_events, *self.signal_vars.values()):
             if var is not None:
@@ -345,6 +385,9 @@ class ImportanceBuffer:
             task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
             else None,
             signal_sums=self._read_signals(),
+            queries=self.queries.read() if self.queries is not None else None,
+            item_query=(np.max(_local_values(self.item_query, self.strategy), axis=0).astype(
+                np.int64) if self.item_query is not None else None),
             steps=steps,
             skipped_steps=counters["skipped_steps"] // replicas,
             num_groups=counters["group_steps"] // steps if steps else 0,

@@ -328,6 +328,40 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         """Latest epoch's importance per output of a multi-output model ({} otherwise)."""
         return self._record.task_importance if self._record else {}
 
+    # ------------------------------------------------ ranked lists (issue 15)
+    @property
+    def queries(self) -> ScoreRecord | None:
+        """Ranked lists with query ids: per-query scores (see `ScoreRecord.queries`)."""
+        return self._record.queries if self._record else None
+
+    @property
+    def query_importance(self) -> np.ndarray | None:
+        """Ranked lists: normalized per-query importance of the latest epoch, or None."""
+        return self._record.query_importance if self._record else None
+
+    def top_pairs(self, k: int = 10, *, largest: bool = True,
+                  epoch: int | str | None = None) -> list[tuple]:
+        """Ranked lists: `(query, item, importance, visits)` rows (see `ScoreRecord.top_pairs`)."""
+        return self._record.top_pairs(k, largest=largest, epoch=epoch) if self._record else []
+
+    def _list_fields(self, snap, names, keras_epoch: int) -> dict:
+        """Ranked lists: the EpochScores fields of the per-query record and item queries."""
+        if not self._plan.list_size:
+            return {}
+        from keras_sie.score_record import query_epoch_scores
+
+        queries = (query_epoch_scores(snap.queries, names, int(keras_epoch))
+                   if snap.queries is not None else None)
+        return {"queries": queries, "item_query": snap.item_query,
+                "list_size": self._plan.list_size}
+
+    def _report_lists(self, number: int) -> None:
+        """Ranked lists: TensorBoard (query, item) table and per-query histogram."""
+        if self._plan.list_size and self.log_dir and not self._reporter.disabled:
+            from keras_sie import summaries
+
+            summaries.write_ranking(self.log_dir, self._record, number, self.top_k_rows)
+
     def signal(self, name: str, *, epoch: int | str | None = None) -> np.ndarray:
         """One training-dynamics signal per sample (see `ScoreRecord.signal`).
 
@@ -514,6 +548,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 self._reporter.report(self._record, number, seconds, {
                     "id_key": self.id_key, "key_mapping": self._plan.mapping,
                 })
+                self._report_lists(number)
 
     def on_train_end(self, logs=None) -> None:
         if not self._in_fit:
@@ -625,6 +660,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             keras_epoch=int(keras_epoch),
             signal_sums=snap.signal_sums,
             last_correct=self._buffer.last_correct_flags(),
+            **self._list_fields(snap, names, keras_epoch),
         ), keys=snap.keys)
         if snap.nonfinite_rows:
             warnings.warn(

@@ -136,8 +136,17 @@ def _rows(keys: np.ndarray, imp: np.ndarray, visits: np.ndarray, idx: np.ndarray
 
 
 # ----------------------------------------------------------------- report
+def _lists(run: ScoreRecord, args: argparse.Namespace) -> ScoreRecord:
+    """Ranked lists: the per-query record with --queries."""
+    if not getattr(args, "queries", False):
+        return run
+    if run.queries is None:
+        raise _Failure(f"{run.log_dir!r} has no per-query record (ranked lists with query ids).")
+    return run.queries
+
+
 def _report(args: argparse.Namespace) -> int:
-    run = _load(args.logdir)
+    run = _lists(_load(args.logdir), args)
     label, imp, visits = _pick(run, args.epoch, args.aggregate)
     imp, visits = _used(run, imp), _used(run, visits)
     keys = _used(run, run.keys)
@@ -215,7 +224,7 @@ def _report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- export
 def _export(args: argparse.Namespace) -> int:
-    run = _load(args.logdir)
+    run = _lists(_load(args.logdir), args)
     if args.epoch is not None and args.epoch not in run.epochs:
         raise _Failure(f"epoch {args.epoch} is not in {run.log_dir!r} "
                        f"(epochs: {_epoch_list(run.epochs)}).")
@@ -344,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--width", type=int, default=40, help="histogram bar width (default 40)")
     rep.add_argument("--linear", action="store_true", help="linear instead of log10 bins")
     rep.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rep.add_argument("--queries", action="store_true",
+                     help="ranked lists: show the per-query record instead of the per-item one")
     rep.set_defaults(func=_report)
 
     exp = sub.add_parser(
@@ -356,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=export_lib.FORMATS)
     exp.add_argument("--epoch", type=int, help="export one epoch (default: all epochs)")
     exp.add_argument("-o", "--output", required=True, metavar="FILE", help="output file")
+    exp.add_argument("--queries", action="store_true",
+                     help="ranked lists: export the per-query record (keys are query ids)")
     exp.set_defaults(func=_export)
 
     dif = sub.add_parser(

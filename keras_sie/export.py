@@ -65,6 +65,8 @@ def _wide(run: ScoreRecord, epochs: list[int]) -> dict[str, np.ndarray]:
         "visits": np.stack([np.asarray(run.epoch(e).visits, np.int64)[:m] for e in epochs]),
         "grad_sum": np.stack([np.asarray(run.epoch(e).sums, np.float64)[:m] for e in epochs]),
     }
+    if run.item_queries is not None:  # ranked lists: each item's query
+        out["query"] = np.asarray(run.item_queries, np.int64)[:m]
     for name in run.signals:
         out[f"signal_{name}"] = np.stack(
             [np.asarray(run.signal(name, epoch=e), np.float64)[:m] for e in epochs]
@@ -92,7 +94,9 @@ def to_columns(run: ScoreRecord | str | os.PathLike, epoch: int | None = None) -
         Dict of equal-length numpy columns `epoch`, `key`, `importance`,
         `visits`, `grad_sum`, and one column per recorded signal (`loss`,
         `el2n`, `margin`, `confidence`, `confidence_std`, `forgetting`; NaN
-        for unvisited samples), ordered by epoch, then by slot.
+        for unvisited samples), ordered by epoch, then by slot. Ranked lists
+        with query ids add a `query` column (each item's query id; -1 for
+        an item never seen).
 
     Example:
 
@@ -111,9 +115,21 @@ def to_columns(run: ScoreRecord | str | os.PathLike, epoch: int | None = None) -
         "visits": w["visits"].reshape(-1),
         "grad_sum": w["grad_sum"].reshape(-1),
     }
+    if "query" in w:
+        cols["query"] = np.tile(w["query"], e)
     for name in run.signals:
         cols[name] = w[f"signal_{name}"].reshape(-1)
     return cols
+
+
+def _queries_of(run: ScoreRecord) -> ScoreRecord:
+    queries = run.queries
+    if queries is None:
+        raise ValueError(
+            "This run has no per-query record (ranked lists with query ids: "
+            "keras_sie.with_ids(x, list_axis=1), or an {'item', 'query'} id entry)."
+        )
+    return queries
 
 
 def _format_for(path: str, fmt: str | None) -> str:
@@ -160,6 +176,7 @@ def export_run(
     path: str | os.PathLike,
     format: str | None = None,
     epoch: int | None = None,
+    queries: bool = False,
 ) -> str:
     """Writes a run's scores to a CSV, `.npz` or Parquet file.
 
@@ -175,6 +192,8 @@ def export_run(
             of `path` when None. Parquet needs pyarrow
             (`pip install 'keras_sie[parquet]'`).
         epoch: One epoch number, or `None` for all epochs.
+        queries: Ranked lists: write the per-query record (keys are query
+            ids) instead of the per-item one. Defaults to False.
 
     Returns:
         The path written.
@@ -189,6 +208,8 @@ def export_run(
     path = os.fspath(path)
     fmt = _format_for(path, format)
     run = _as_run(run)
+    if queries:
+        run = _queries_of(run)
     epochs = _epochs(run, epoch)
     if fmt == "npz":
         arrays = _wide(run, epochs)

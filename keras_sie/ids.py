@@ -14,6 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 DEFAULT_ID_KEY = "sample_id"
+# Ranked lists: the id entry may be a dict of per-item ids [B, L] and per-query ids [B].
+ITEM_KEY = "item"
+QUERY_KEY = "query"
 # Key under which non-dict inputs are wrapped so that an id can sit beside them.
 WRAPPED_INPUTS_KEY = "_keras_sie_inputs"
 
@@ -44,7 +47,8 @@ def _attach(x: Any, ids: Any, id_key: str) -> dict:
     return {WRAPPED_INPUTS_KEY: x, id_key: ids}
 
 
-def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0) -> Any:
+def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0, *,
+             list_axis: int | None = None, mask: Any = None) -> Any:
     """Attaches sample ids 0..N-1 to model inputs so that they travel with the data.
 
     The ids are int64 and follow each sample through Keras's shuffling,
@@ -58,6 +62,15 @@ def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0) -> Any:
         id_key: Name of the id entry. Must match `SampleImportance(id_key=...)`.
             Defaults to `"sample_id"`.
         start: First id (ids are `start .. start+N-1`). Defaults to 0.
+        list_axis: For ranked lists (inputs of shape `[N, L, ...]`: N queries
+            with L candidate items each), `1` gives one id per item,
+            `start + n*L + i` for item i of list n, and one id per query, `n`
+            (see "Ranked lists" in docs/usage.md). The id entry is then a
+            dict `{"item": [N, L] int64, "query": [N] int64}`. `None` (the
+            default) gives one id per row.
+        mask: With `list_axis=1`, a `[N, L]` boolean array, True for real
+            items: padded items get id -1 (never counted, never an error).
+            Defaults to None (every item is real).
 
     Returns:
         For arrays, a dict of arrays holding the inputs and the ids; pass it as
@@ -72,8 +85,16 @@ def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0) -> Any:
               validation_split=0.1, callbacks=[sie])
     ```
     """
+    if list_axis is not None and list_axis != 1:
+        raise ValueError(f"with_ids: list_axis must be 1 (or None), got {list_axis!r}.")
     if isinstance(x, tf.data.Dataset):
-        return _dataset_with_ids(x, id_key, start)
+        if mask is not None:
+            raise ValueError(
+                "with_ids: mask= needs in-memory arrays; for a tf.data pipeline put a "
+                f"{{'item': [L] ids (-1 for padding), 'query': id}} {id_key!r} entry in each "
+                "element yourself."
+            )
+        return _dataset_with_ids(x, id_key, start, list_axis)
     if isinstance(x, (list, tuple)):
         x = type(x)(np.asarray(v) if not tf.is_tensor(v) else v for v in x)
     elif isinstance(x, dict):
@@ -81,8 +102,50 @@ def with_ids(x: Any, id_key: str = DEFAULT_ID_KEY, start: int = 0) -> Any:
     elif not tf.is_tensor(x):
         x = np.asarray(x)
     n = _num_rows(x)
+    if list_axis is not None:
+        return _attach(x, _list_ids(x, n, start, mask), id_key)
     ids = np.arange(start, start + n, dtype=np.int64)
     return _attach(x, ids, id_key)
+
+
+def _list_size(shapes: list) -> int:
+    """L: axis 1 of the inputs of shape [N, L, ...] (rank >= 3 first, then [N, L])."""
+    for rank_ok in (lambda r: r >= 3, lambda r: r == 2):
+        sizes = sorted({int(s[1]) for s in shapes if rank_ok(len(s)) and s[1] is not None})
+        if len(sizes) == 1:
+            return sizes[0]
+        if len(sizes) > 1:
+            raise ValueError(
+                f"with_ids(list_axis=1): inputs have different sizes {sizes} on axis 1, so "
+                "the list size is ambiguous. Pass mask= ([N, L]), or build the id entry "
+                "yourself: {'item': [N, L] ids, 'query': [N] ids} (docs/usage.md, Ranked "
+                "lists)."
+            )
+    raise ValueError(
+        "with_ids(list_axis=1): no input has a list axis (shape [N, L, ...]); for one id "
+        "per row, leave list_axis=None."
+    )
+
+
+def _list_ids(x: Any, n: int, start: int, mask: Any) -> dict:
+    if mask is not None:
+        size = int(np.shape(mask)[1]) if np.ndim(mask) == 2 else -1
+    else:
+        size = _list_size([tuple(np.shape(leaf)) for leaf in tf.nest.flatten(x)])
+    items = start + np.arange(n * size, dtype=np.int64).reshape(n, size)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (n, size):
+            raise ValueError(f"with_ids: mask has shape {mask.shape}; expected {(n, size)}.")
+        items = np.where(mask, items, -1)
+    return {ITEM_KEY: items, QUERY_KEY: np.arange(n, dtype=np.int64)}
+
+
+def list_ids(ids: Any) -> tuple[Any, Any]:
+    """`(item ids, query ids or None)` of an id entry (a tensor or an item/query dict)."""
+    if isinstance(ids, dict):
+        return ids[ITEM_KEY], ids.get(QUERY_KEY)
+    return ids, None
 
 
 # tf.data ops that reorder elements differently from one epoch (iterator) to
@@ -186,7 +249,8 @@ def is_batched(ds: tf.data.Dataset) -> bool:
     return False
 
 
-def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.Dataset:
+def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int,
+                      list_axis: int | None = None) -> tf.data.Dataset:
     reordering = reordering_ops(ds)
     if reordering:
         raise ValueError(
@@ -207,8 +271,17 @@ def _dataset_with_ids(ds: tf.data.Dataset, id_key: str, start: int) -> tf.data.D
             "nothing before the batch shuffles)."
         )
 
+    size = None
+    if list_axis is not None:
+        x_spec = dataset_x_spec(ds)
+        size = _list_size([tuple([None] + list(t.shape)) for t in tf.nest.flatten(x_spec)])
+
     def add(i, element):
-        i = tf.cast(i, tf.int64) + start
+        if size is not None:
+            i = tf.cast(i, tf.int64)
+            i = {ITEM_KEY: start + i * size + tf.range(size, dtype=tf.int64), QUERY_KEY: i}
+        else:
+            i = tf.cast(i, tf.int64) + start
         if isinstance(element, tuple) and len(element) in (2, 3):
             return (_attach(element[0], i, id_key),) + tuple(element[1:])
         return _attach(element, i, id_key)
@@ -300,7 +373,12 @@ def dataset_x_spec(ds: tf.data.Dataset) -> Any:
 
 def infer_from_arrays(ids: np.ndarray, key_mapping: str) -> int:
     """Buffer size implied by ids held in memory (fail fast on bad ids)."""
-    ids = np.asarray(ids).reshape(-1)
+    ids = np.asarray(ids)
+    if ids.ndim == 2 and ids.dtype.kind in "iu" and key_mapping == "index":
+        ids = ids[ids >= 0]  # ranked lists: negative ids are padding
+        if ids.size == 0:
+            raise ValueError("Every item id is negative (padding); there is nothing to score.")
+    ids = ids.reshape(-1)
     if ids.size == 0:
         raise ValueError("The sample id array is empty.")
     if key_mapping == "hash":

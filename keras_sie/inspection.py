@@ -51,6 +51,8 @@ class FitPlan:
     task_names: list[str]
     step: StepPlan
     probe_batch: Any = None
+    list_size: int = 0  # ranked lists: items per list (0: one id per row)
+    num_queries: int = 0  # ranked lists: per-query buffer slots (0: no query ids)
 
 
 def _raise_no_ids(id_key: str, val_has_ids: bool) -> None:
@@ -154,7 +156,18 @@ def _mapping_and_size(config: FitConfig, fit_locals, x_struct, ids, checkable: b
         val_x = ids_lib.dataset_x_spec(val)
     if not ids_lib.has_ids(x_struct, config.id_key):
         _raise_no_ids(config.id_key, ids_lib.has_ids(val_x, config.id_key))
-    id_dtype = _dtype_of(x_struct[config.id_key])
+    entry = x_struct[config.id_key]
+    if isinstance(entry, dict):
+        if ids_lib.ITEM_KEY not in entry:
+            raise ValueError(
+                f"The {config.id_key!r} entry is a dict without an {ids_lib.ITEM_KEY!r} key. "
+                f"For ranked lists pass {{{ids_lib.ITEM_KEY!r}: [N, L] item ids, "
+                f"{ids_lib.QUERY_KEY!r}: [N] query ids}} (keras_sie.with_ids(x, list_axis=1))."
+            )
+        entry = entry[ids_lib.ITEM_KEY]
+        if isinstance(ids, dict):
+            ids = ids[ids_lib.ITEM_KEY]
+    id_dtype = _dtype_of(entry)
     mapping = config.key_mapping
     if mapping == "auto":
         mapping = "hash" if id_dtype == tf.string else "index"
@@ -175,6 +188,8 @@ def _mapping_and_size(config: FitConfig, fit_locals, x_struct, ids, checkable: b
             ids = ids.astype(str)
         implied = ids_lib.infer_from_arrays(ids, mapping)
         val_ids = val_x.get(config.id_key) if isinstance(val_x, dict) else None
+        if isinstance(val_ids, dict):
+            val_ids = val_ids.get(ids_lib.ITEM_KEY)
         if mapping == "index" and val_ids is not None and not tf.is_tensor(val_ids) \
                 and not isinstance(val_ids, tf.TensorSpec):
             # validation_split: size the buffer like the user's full array, so
@@ -197,6 +212,54 @@ def _mapping_and_size(config: FitConfig, fit_locals, x_struct, ids, checkable: b
         )
     key_dtype = tf.string if id_dtype == tf.string else tf.int64
     return mapping, key_dtype, int(num_samples)
+
+
+def _list_plan(config: FitConfig, x_struct, mapping: str, num_samples: int) -> tuple[int, int]:
+    """Ranked lists: (list size L, query buffer slots), or (0, 0) for one id per row.
+
+    The id entry is a list of items when it has shape [batch, L] (directly, or
+    as the "item" entry of an {"item", "query"} dict); query ids, when
+    present, get a second record of `num_queries` slots: the largest
+    in-memory query id + 1, or `num_samples` for pipelines (every list has
+    at least one item, so query ids 0..Q-1 fit when Q <= num_samples).
+    """
+    entry = x_struct[config.id_key]
+    queries = None
+    if isinstance(entry, dict):
+        queries = entry.get(ids_lib.QUERY_KEY)
+        entry = entry[ids_lib.ITEM_KEY]
+    shape = tuple(entry.shape) if hasattr(entry, "shape") else np.shape(entry)
+    in_memory = not isinstance(entry, tf.TensorSpec) and not tf.is_tensor(entry)
+    if len(shape) < 2:
+        if queries is not None:
+            raise ValueError(
+                f"The {config.id_key!r} entry has query ids but its item ids have shape "
+                f"{shape}; ranked lists need item ids of shape [N, list_size]."
+            )
+        return 0, 0
+    if len(shape) != 2 or shape[1] is None:
+        raise ValueError(
+            f"Ranked-list item ids ({config.id_key!r}) must have shape [N, list_size] with a "
+            f"known list size; got {shape}."
+        )
+    if mapping != "index":
+        raise NotImplementedError(
+            "Ranked lists need integer item ids 0..num_samples-1 (key_mapping='index'); "
+            "map item keys to such ids in the input pipeline (-1 for padding)."
+        )
+    if config.signals:
+        raise ValueError(
+            f"signals={list(config.signals)} are per-row classification signals; they are not "
+            "available for ranked lists (item ids of shape [N, L]). Remove signals=."
+        )
+    if queries is None:
+        return int(shape[1]), 0
+    if not isinstance(queries, tf.TensorSpec) and not tf.is_tensor(queries) and in_memory:
+        q = np.asarray(queries).reshape(-1)
+        if q.size and not np.issubdtype(q.dtype, np.integer):
+            raise TypeError(f"Query ids have dtype {q.dtype}; expected integers 0..Q-1.")
+        return int(shape[1]), int(q.max()) + 1 if q.size and q.max() >= 0 else 1
+    return int(shape[1]), num_samples
 
 
 def _reduction(adapter) -> str:
@@ -355,13 +418,14 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
     mapping, key_dtype, num_samples = _mapping_and_size(
         config, fit_locals, x_struct, ids, checkable
     )
+    list_size, num_queries = _list_plan(config, x_struct, mapping, num_samples)
     x_spec = _spec_of_arrays(ids_lib.split_ids(x_struct, config.id_key)[0])
     reduction = _reduction(adapter)
     if adapter.train_step_is_default():
         names, watched, leaf_groups, layer_groups = _feature_plan(config, adapter, x_spec)
     else:  # the user's train_step calls keras_sie.record with its own gradients
         names, watched, leaf_groups, layer_groups = adapter.input_names(x_spec), (), (), ()
-    tasks = _task_names(config, adapter, fit_locals)
+    tasks = [] if list_size else _task_names(config, adapter, fit_locals)
     signals = _signals(config, adapter, fit_locals)
     step = StepPlan(
         id_key=config.id_key,
@@ -375,8 +439,11 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
         task_names=tuple(tasks),
         signals=signals,
         output_kind=adapter.output_kind() if signals else None,
+        list_size=list_size,
+        num_queries=num_queries,
     )
-    return FitPlan(mapping, key_dtype, num_samples, names, tasks, step, batch)
+    return FitPlan(mapping, key_dtype, num_samples, names, tasks, step, batch,
+                   list_size=list_size, num_queries=num_queries)
 
 
 # ------------------------------------------------------------- coupling

@@ -38,6 +38,11 @@ class EpochScores:
             (`"forgetting"`).
         last_correct: int8 [num_samples] at the epoch's end (forgetting
             signal): -1 never visited, else whether the last visit was correct.
+        queries: Ranked lists with query ids: the per-query scores of the
+            epoch (an `EpochScores` over query ids), else None.
+        item_query: Ranked lists with query ids: int64 [num_samples], the
+            query each item id was last seen in (-1: never seen), else None.
+        list_size: Ranked lists: items per list L; 0 for one id per row.
     """
 
     importance: np.ndarray
@@ -51,6 +56,9 @@ class EpochScores:
     keras_epoch: int | None = None
     signal_sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     last_correct: np.ndarray | None = None
+    queries: EpochScores | None = None
+    item_query: np.ndarray | None = None
+    list_size: int = 0
 
     @property
     def feature_importance(self) -> dict[str, float]:
@@ -124,6 +132,16 @@ class ScoreRecord:
         self._epochs[int(number)] = scores
         if keys is not None:
             self._keys = np.asarray(keys)
+
+    def snapshot(self, last: int | None = None) -> ScoreRecord:
+        """A shallow copy holding records up to `last` (arrays are shared, not copied)."""
+        copy = ScoreRecord(
+            self.num_samples, keys=self._keys, aggregate_epochs=self.aggregate_epochs,
+            id_key=self.id_key, key_mapping=self.key_mapping, log_dir=self.log_dir,
+            manifest=self.manifest,
+        )
+        copy._epochs = {e: s for e, s in self._epochs.items() if last is None or e <= last}
+        return copy
 
     def truncate(self, first: int) -> None:
         """Drops records numbered `first` and later."""
@@ -321,6 +339,59 @@ class ScoreRecord:
             var = np.maximum(s2 / visits - mean * mean, 0.0)
         return np.where(visits > 0, np.sqrt(var), np.nan)
 
+    # ---------------------------------------------------------- ranked lists
+    @property
+    def list_size(self) -> int:
+        """Ranked lists: items per list L (item ids of shape [N, L]); 0 for one id per row."""
+        return int(self.epoch().list_size) if self._epochs else 0
+
+    @property
+    def queries(self) -> ScoreRecord | None:
+        """Ranked lists with query ids: the per-query scores, as a `ScoreRecord` over query ids.
+
+        Query q's score is sum over its items of S_(q,i) plus the gradient of
+        its query-level features (inputs without the list axis). None for
+        runs without query ids. Same names live and loaded.
+        """
+        numbers = [e for e in self.epochs if self._epochs[e].queries is not None]
+        if not numbers:
+            return None
+        first = self._epochs[numbers[0]].queries
+        out = ScoreRecord(first.importance.shape[0], aggregate_epochs=self.aggregate_epochs,
+                          id_key=self.id_key, log_dir=self.log_dir, manifest=self.manifest)
+        for e in numbers:
+            out.add(e, self._epochs[e].queries)
+        return out
+
+    @property
+    def query_importance(self) -> np.ndarray | None:
+        """Ranked lists: normalized per-query importance of the latest epoch, or None."""
+        queries = self.queries
+        return None if queries is None else queries.importance
+
+    @property
+    def item_queries(self) -> np.ndarray | None:
+        """Ranked lists: int64 [num_samples], each item id's query (-1: never seen), or None."""
+        if not self._epochs:
+            return None
+        return self.epoch().item_query
+
+    def top_pairs(
+        self, k: int = 10, *, largest: bool = True, epoch: int | str | None = None
+    ) -> list[tuple]:
+        """Ranked lists: the k most (or least) important (query, item) pairs.
+
+        Returns:
+            A list of `(query, item, importance, visits)`, most extreme first
+            (query -1 when the run had no query ids).
+        """
+        rows = self.top_k(k, largest=largest, epoch=epoch)
+        item_query = self.item_queries
+        return [
+            (int(item_query[key]) if item_query is not None else -1, key, score, visits)
+            for key, score, visits in rows
+        ]
+
     def top_k(
         self, k: int = 10, *, largest: bool = True, epoch: int | str | None = None
     ) -> list[tuple]:
@@ -340,3 +411,20 @@ class ScoreRecord:
             return []
         importance, visits = self.scores(epoch)
         return scores_lib.top_k_rows(importance, visits, self.keys, k, largest)
+
+
+def query_epoch_scores(snapshot, feature_names, keras_epoch: int | None) -> EpochScores:
+    """The per-query `EpochScores` of one epoch from the query buffer's snapshot."""
+    importance = scores_lib.normalize(snapshot.sums, snapshot.visits).astype(np.float32)
+    names = tuple(feature_names)
+    return EpochScores(
+        importance=importance,
+        visits=snapshot.visits,
+        sums=snapshot.sums,
+        feature_names=names,
+        feature_sums=snapshot.feature_sums[: len(names)],
+        summary=scores_lib.summarize(importance, snapshot.visits),
+        faults={"nonfinite_rows": snapshot.nonfinite_rows,
+                "invalid_id_rows": snapshot.invalid_rows},
+        keras_epoch=keras_epoch,
+    )

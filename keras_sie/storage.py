@@ -181,11 +181,32 @@ def epoch_arrays(scores: EpochScores, keys: np.ndarray | None) -> dict[str, np.n
     if scores.task_importance:
         arrays["task_names"] = np.array(list(scores.task_importance), dtype=str)
         arrays["task_importance"] = np.stack(list(scores.task_importance.values()), axis=1)
+    if scores.list_size:  # ranked lists
+        arrays["list_size"] = np.array(int(scores.list_size))
+        if scores.item_query is not None:
+            arrays["item_query"] = np.asarray(scores.item_query, np.int64)
+        if scores.queries is not None:
+            for k, v in epoch_arrays(scores.queries, None).items():
+                if k != "keras_epoch":
+                    arrays[_QUERY_PREFIX + k] = v
     return arrays
+
+
+_QUERY_PREFIX = "query__"  # ranked lists: the per-query record's arrays
 
 
 def epoch_from_arrays(arrays: dict[str, np.ndarray]) -> EpochScores:
     """The `EpochScores` stored in one epoch file."""
+    queries = None
+    query_arrays = {k[len(_QUERY_PREFIX):]: v for k, v in arrays.items()
+                    if k.startswith(_QUERY_PREFIX)}
+    if query_arrays:
+        missing = [k for k in _REQUIRED if k not in query_arrays]
+        if missing:
+            raise CorruptRunError(f"per-query arrays lack {missing}.")
+        query_arrays["keras_epoch"] = arrays.get("keras_epoch", np.array(-1))
+        queries = epoch_from_arrays(query_arrays)
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(_QUERY_PREFIX)}
 
     def names(key):
         return tuple(str(s) for s in arrays[key]) if key in arrays else ()
@@ -212,6 +233,10 @@ def epoch_from_arrays(arrays: dict[str, np.ndarray]) -> EpochScores:
         keras_epoch=None if keras_epoch < 0 else keras_epoch,
         signal_sums=signal_sums,
         last_correct=arrays.get("last_correct"),
+        queries=queries,
+        item_query=(np.asarray(arrays["item_query"], np.int64) if "item_query" in arrays
+                    else None),
+        list_size=int(arrays["list_size"]) if "list_size" in arrays else 0,
     )
 
 

@@ -14,6 +14,9 @@ Tags (see the README's table):
   `faults/skipped_steps` (steps a loss-scale optimizer skipped for overflow)
 * `features/<name>`  share of sum_i |g_ij| per feature group; `features/table` text
 * `importance/data_map`  the data-map image (matplotlib extra)
+* ranked lists, under the `keras_sie/ranking` run: `ranking/top_pairs` (top
+  (query, item) pairs), `ranking/query_distribution` and `ranking/query_*`
+  per-query scalars (see `write_ranking`)
 * `tasks/<output>/distribution|gini|top1pct_share`  per-output scores (multi-output models)
 * `signals/<name>/distribution|mean|median`  training-dynamics signals (`signals=`);
   for `forgetting` the count so far
@@ -22,6 +25,7 @@ Tags (see the README's table):
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -187,3 +191,49 @@ class SummaryWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def pairs_markdown(rows: list[tuple]) -> str:
+    """Ranked lists: the top (query, item) pairs as a markdown table."""
+    lines = ["| rank | query | item | importance | x uniform | visits |",
+             "|---:|---|---|---:|---:|---:|"]
+    for rank, (query, item, score, visits, ratio) in enumerate(rows, 1):
+        lines.append(f"| {rank} | {_md_escape(query)} | {_md_escape(item)} | {score:.6g} | "
+                     f"{ratio:.3g} | {visits} |")
+    return "\n".join(lines)
+
+
+_RANKING_WRITERS: dict[str, Any] = {}
+
+
+def write_ranking(log_dir: str, record, number: int, top_k: int) -> None:
+    """Ranked lists: TensorBoard summaries of record `number` under `<run>/ranking`.
+
+    `ranking/top_pairs` (the top-k (query, item) pairs), and with query ids
+    `ranking/query_distribution` (N_visited x importance per query) and the
+    per-query summary scalars (`ranking/query_gini`, ...). The per-item
+    histogram and table are the run's own `importance/*` summaries.
+    """
+    path = os.path.join(os.fspath(log_dir), "keras_sie", "ranking")
+    writer = _RANKING_WRITERS.get(path)
+    if writer is None:
+        with tf.device("/cpu:0"):
+            writer = _RANKING_WRITERS[path] = tf.summary.create_file_writer(path)
+    scores = record.epoch(number)
+    visited = int((scores.visits > 0).sum())
+    rows = [(q, item, score, vis, score * visited)
+            for q, item, score, vis in record.top_pairs(top_k, epoch=number)]
+    with tf.device("/cpu:0"), writer.as_default(step=number):
+        if rows:
+            tf.summary.text("ranking/top_pairs", pairs_markdown(rows))
+        queries = scores.queries
+        if queries is not None:
+            seen = queries.visits > 0
+            rel = queries.importance[seen] * max(int(seen.sum()), 1)
+            if rel.size:
+                tf.summary.write("ranking/query_distribution",
+                                 tf.constant(histogram_buckets(rel.astype(np.float32), 60)),
+                                 metadata=_HISTOGRAM_METADATA)
+            for name, value in queries.summary.items():
+                tf.summary.scalar(f"ranking/query_{name}", float(value))
+    writer.flush()

@@ -240,6 +240,10 @@ class StepPlan:
         task_names: Output names, in the order per-task sums are stored.
         signals: Training-dynamics signals to record (`keras_sie.signals`).
         output_kind: How to read the (single) classification output.
+        list_size: Ranked lists: items per list L (ids of shape [B, L]); 0 for
+            one id per row.
+        num_queries: Ranked lists: slots of the per-query buffer (0: no
+            query ids, no per-query record).
     """
 
     id_key: str
@@ -253,6 +257,8 @@ class StepPlan:
     task_names: tuple[str, ...] = ()
     signals: tuple[str, ...] = ()
     output_kind: OutputKind | None = None
+    list_size: int = 0
+    num_queries: int = 0
 
 
 def own_loss_scale(ids, loss_scale, reduction: str, sample_weight=None) -> tf.Tensor:
@@ -305,6 +311,9 @@ class StepHook:
     # -------------------------------------------------------------- install
     def install(self) -> None:
         model = self.model
+        if self.plan.list_size and self.plan.num_queries and self.buffer.queries is None:
+            with self.adapter.strategy.scope():
+                self.buffer.attach_queries(self.plan.num_queries)
         if self.fused:
             object.__setattr__(model, "train_step", self._train_step)
         object.__setattr__(model, "test_step", self._test_step)
@@ -359,6 +368,17 @@ class StepHook:
                 "cannot be tied to samples. Wrap the inputs with `keras_sie.with_ids(x)`, or "
                 "add an id feature to your dict inputs and pass its name as `id_key`."
             )
+        if self.plan.list_size:
+            ids, query_ids = ids_lib.list_ids(ids)
+            if ids.shape.rank != 2 or query_ids is not None and query_ids.shape.rank != 1:
+                raise ValueError(
+                    f"Ranked-list ids ({key!r}) must be [batch, list_size] item ids and "
+                    f"[batch] query ids; got {ids.shape} and "
+                    f"{None if query_ids is None else query_ids.shape}."
+                )
+            if query_ids is not None and not query_ids.dtype.is_integer:
+                raise TypeError(f"Query ids ({key!r}) have dtype {query_ids.dtype.name}; "
+                                "expected integers.")
         if self.plan.mapping == "index" and not ids.dtype.is_integer:
             raise TypeError(
                 f"Sample ids ({key!r}) have dtype {ids.dtype.name}; expected integers "
@@ -421,6 +441,14 @@ class StepHook:
         gradients = tape.gradient(loss, list(trainable) + watched + emb_outputs)
         n_w = len(trainable)
         weight_grads = gradients[:n_w]
+        if plan.list_size:
+            self._accumulate_lists(ids, watched, capture.records, gradients[n_w:], loss_scale,
+                                   sample_weight, weight_grads)
+            if trainable:
+                model.optimizer.apply_gradients(zip(weight_grads, trainable))
+            return _multi_worker_reducible(
+                model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            )
         rows = self._group_rows(ids, watched, capture.records, gradients[n_w:])
 
         task_rows = None
@@ -502,6 +530,80 @@ class StepHook:
                 g = tf.convert_to_tensor(g)
             add(layer_group[id(layer)], row_abs_sum(g, mask))
         return [g if g is not None else tf.zeros([batch], tf.float32) for g in groups]
+
+    def _list_group_rows(self, item_ids, watched, records, grads):
+        """Ranked lists: per feature group, [B, L] item rows and [B] query-level rows.
+
+        A feature (float input or Embedding output) whose axis 1 has the list
+        size is per item: |g| summed over its axes >= 2 gives one value per
+        (list, item). Any other feature ([B, ...]) is a query-level feature:
+        it has no item, and goes to the per-query rows only.
+        """
+        plan = self.plan
+        size = plan.list_size
+        shape = tf.shape(item_ids)
+        items: list[tf.Tensor | None] = [None] * plan.num_groups
+        lists: list[tf.Tensor | None] = [None] * plan.num_groups
+
+        def add(store, group, row):
+            store[group] = row if store[group] is None else store[group] + row
+
+        def one(group, g, mask=None):
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            if g.shape.rank is not None and g.shape.rank >= 2 and g.shape[1] == size:
+                a = tf.abs(tf.cast(g, tf.float32))
+                if mask is not None:
+                    m = tf.cast(mask, tf.float32)
+                    while m.shape.rank < a.shape.rank:
+                        m = m[..., None]
+                    a = a * m
+                if a.shape.rank > 2:
+                    a = tf.reduce_sum(a, axis=list(range(2, a.shape.rank)))
+                add(items, group, a)
+            else:
+                add(lists, group, row_abs_sum(g, mask))
+
+        for group, g in zip(plan.leaf_groups, grads[: len(watched)]):
+            if g is not None:
+                one(group, g)
+        layer_group = {id(layer): group for layer, group in plan.layer_groups}
+        for (layer, _, _, mask), g in zip(records, grads[len(watched):]):
+            if g is not None:
+                one(layer_group[id(layer)], g, mask)
+        items = [r if r is not None else tf.zeros(shape, tf.float32) for r in items]
+        lists = [r if r is not None else tf.zeros(shape[:1], tf.float32) for r in lists]
+        return items, lists
+
+    def _accumulate_lists(self, ids, watched, records, grads, loss_scale, sample_weight,
+                          weight_grads) -> None:
+        """Ranked lists: per-item rows into the buffer, per-query rows into its query buffer.
+
+        J_q, the list's own loss as the optimizer sees it, is the batch loss
+        times the number of lists (global batch): `own_loss_scale` on one
+        id per list.
+        """
+        plan = self.plan
+        item_ids, query_ids = ids_lib.list_ids(ids)
+        item_ids = tf.cast(item_ids, tf.int64)
+        items, lists = self._list_group_rows(item_ids, watched, records, grads)
+        step_ok = None
+        if _is_loss_scale_optimizer(self.model.optimizer):
+            step_ok = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in weight_grads if g is not None]
+            )
+        scale = own_loss_scale(item_ids[:, 0], loss_scale, plan.reduction, sample_weight)
+        self.buffer.accumulate(tf.reshape(item_ids, [-1]),
+                               [tf.reshape(r, [-1]) for r in items], scale,
+                               step_ok=step_ok, padding=True)
+        queries = self.buffer.queries
+        if queries is None or query_ids is None:
+            return
+        query_ids = tf.cast(query_ids, tf.int64)
+        real = tf.cast(item_ids >= 0, tf.float32)
+        per_query = [tf.reduce_sum(r * real, axis=1) + q for r, q in zip(items, lists)]
+        queries.accumulate(query_ids, per_query, scale, step_ok=step_ok, padding=True)
+        self.buffer.accumulate_item_queries(item_ids, query_ids)
 
     def record(self, sample_ids, input_gradients, loss_scale=1.0) -> None:
         """The `keras_sie.record` path for models with their own `train_step`."""
