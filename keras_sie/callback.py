@@ -414,7 +414,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self._hook = None
         self._buffer = None
         self._in_fit = False
-        self._reporter.close()
+        with contextlib.suppress(Exception):  # the error being raised matters more
+            self._reporter.close()
 
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
@@ -531,10 +532,10 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             # Keras returns no metrics for an epoch that saw no batch.
             trained = logs is None or any(not str(k).startswith("sie_") for k in logs)
             self._check_epoch(snap, trained)
-        if self._reporter.disabled:
-            return
         number = self._record.next_number
-        with self._reporter.fail_open(number):
+        # The scores are kept in memory even after a reporting fault turned
+        # the files off; a fault warns once (strict=True raises).
+        with self._restoring_on_error(), self._reporter.fail_open(number):
             self._add_epoch(number, epoch, snap)
             summary = self._record.epoch(number).summary
             if logs is not None:
@@ -542,7 +543,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 logs["sie_top1pct_share"] = summary["top1pct_share"]
                 logs["sie_ess"] = summary["effective_sample_size"]
                 logs["sie_entropy"] = summary["entropy"]
-            if self._is_chief:
+        if self._is_chief and not self._reporter.disabled and number in self._record.epochs:
+            with self._restoring_on_error(), self._reporter.fail_open(number):
                 seconds = (time.perf_counter() - self._epoch_started
                            if self._epoch_started is not None else None)
                 self._reporter.report(self._record, number, seconds, {

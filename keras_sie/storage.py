@@ -52,17 +52,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, writer) -> None:
-    """Calls `writer(fileobj)` on a temp file next to `path`, then renames it."""
+def atomic_write_bytes(path: str, writer, durable: bool = True) -> None:
+    """Calls `writer(fileobj)` on a temp file next to `path`, then renames it.
+
+    `durable=False` skips the fsyncs: the rename still makes the file appear
+    whole or not at all, but a power loss may lose the latest version.
+    """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        if durable:
+            _fsync_dir(directory)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -103,7 +109,9 @@ def write_epoch(log_dir: str, epoch: int, arrays: dict[str, np.ndarray]) -> str:
 def write_manifest(log_dir: str, manifest: dict[str, Any]) -> None:
     manifest = dict(manifest, format_version=FORMAT_VERSION)
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    atomic_write_bytes(os.path.join(run_dir(log_dir), MANIFEST), lambda f: f.write(data))
+    # The manifest is informative (`load` trusts the epoch files): atomic, not fsynced.
+    atomic_write_bytes(os.path.join(run_dir(log_dir), MANIFEST), lambda f: f.write(data),
+                       durable=False)
 
 
 def read_manifest(log_dir: str) -> dict[str, Any]:
@@ -163,7 +171,7 @@ def epoch_arrays(scores: EpochScores, keys: np.ndarray | None) -> dict[str, np.n
     arrays = {
         "importance": np.asarray(scores.importance, np.float32),
         "sums": np.asarray(scores.sums, np.float32),
-        "visits": np.asarray(scores.visits),
+        "visits": np.asarray(scores.visits, np.int32),  # counts < 2^31; read back as int64
         "feature_sums": np.asarray(scores.feature_sums, np.float64),
         "feature_names": np.array(list(scores.feature_names), dtype=str),
         "summary_names": np.array(list(scores.summary), dtype=str),

@@ -251,12 +251,12 @@ def test_disk_full_during_a_write_warns_once_and_training_goes_on(tmp_path, monk
     real = storage.atomic_write_bytes
     calls = {"n": 0}
 
-    def full_disk(path, writer):
+    def full_disk(path, writer, **kwargs):
         # Fault injection at our own file layer: the 2nd epoch file hits ENOSPC.
         if path.endswith("epoch_00001.npz"):
             calls["n"] += 1
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, writer)
+        return real(path, writer, **kwargs)
 
     monkeypatch.setattr(storage, "atomic_write_bytes", full_disk)
     with pytest.warns(RuntimeWarning, match="No space left on device.*disabled"):

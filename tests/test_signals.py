@@ -202,6 +202,11 @@ def test_select_and_weights_by_a_signal():
     np.testing.assert_allclose(w, loss / loss.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="by='margin' can be negative"):
         keras_sie.to_sample_weight(sie, by="margin")
+    # Stratified by margin: the hard end is the low margins, so the cutoff drops those.
+    margin = sie.signal("margin")
+    keep = keras_sie.select(sie, stratified=20, by="margin", hard_cutoff=0.25, epoch=None)
+    assert keep.size == 20
+    assert set(keep.tolist()).isdisjoint(np.argsort(margin, kind="stable")[:10].tolist())
 
 
 def test_stratified_selection_keeps_coverage_and_drops_the_hardest():
