@@ -84,14 +84,17 @@ CONFIG_LABEL = {
     "a2": "plain fit, a second identical model (A/A check)",
     "b": "fit + SampleImportance (defaults)",
     "b_nomap": "fit + SampleImportance(data_map=False)",
+    "b_signals": "fit + SampleImportance(signals=all five: loss, el2n, margin, confidence, "
+                 "forgetting)",
     "c": "fit + separate GradientTape pass",
 }
 # (b) with the per-epoch data map picture turned off, where keras_sie has one.
 HAS_DATA_MAP = "data_map" in inspect.signature(keras_sie.SampleImportance).parameters
-ALL_CONFIGS = ("a", "a2", "b", "b_nomap", "c") if HAS_DATA_MAP else ("a", "a2", "b", "c")
+ALL_CONFIGS = (("a", "a2", "b", "b_signals", "b_nomap", "c") if HAS_DATA_MAP
+               else ("a", "a2", "b", "b_signals", "c"))
 # Default: the A/A pair and the defaults of the callback (b); add b_nomap / c
 # with --configs.
-DEFAULT_CONFIGS = ("a", "a2", "b")
+DEFAULT_CONFIGS = ("a", "a2", "b", "b_signals")
 CLOCKS = ("cpu", "wall")
 
 
@@ -376,6 +379,11 @@ def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log,
     if "b_nomap" in configs:
         sie_nomap = keras_sie.SampleImportance(log_dir=tmp + "_nomap", verbose=0, data_map=False)
         timed_method(sie_nomap, "on_epoch_end", nomap_end_times)
+    sie_signals = None
+    if "b_signals" in configs:
+        sie_signals = keras_sie.SampleImportance(
+            log_dir=tmp + "_signals", verbose=0,
+            signals=("loss", "el2n", "margin", "confidence", "forgetting"))
     baseline = SeparatePassBaseline(benches["c"], x, y, batch_size) if "c" in configs else None
     clocks = {c: EpochClock() for c in configs}
     per_round: dict[str, dict[str, list[list[float]]]] = {
@@ -390,7 +398,8 @@ def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log,
             start = len(clock.times)
             n_end_before = len(end_times)
             nomap_before = len(nomap_end_times)
-            middle = {"b": [sie], "b_nomap": [sie_nomap], "c": [baseline]}.get(c, [])
+            middle = {"b": [sie], "b_nomap": [sie_nomap], "b_signals": [sie_signals],
+                      "c": [baseline]}.get(c, [])
             data_x = x_ids if c.startswith("b") else x
             benches[c].model.fit(
                 data_x, y, batch_size=batch_size, epochs=warmup + measured, shuffle=True,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_sie.signals import BYTES_PER_SAMPLE, SUMS
+from keras_sie.signals import BYTES_PER_SAMPLE
 
 # Per-feature sums are kept in a fixed-size vector so that the feature list can
 # be discovered while the step is traced (after the variables exist).
@@ -146,22 +146,28 @@ class ImportanceBuffer:
             _replica_variable("sie_task_sums", [n, self.num_tasks], tf.float32)
             if self.num_tasks else None
         )
-        # Training-dynamics signals (keras_sie.signals): per-epoch sums, plus
-        # for forgetting a persistent last-correct flag (slot N is a dump for
-        # rows that must not write) and a per-epoch event count. Every replica
-        # applies the whole global batch to the forgetting state, so its
-        # copies stay identical (ONLY_FIRST_REPLICA).
+        # Training-dynamics signals (keras_sie.signals). The float32 per-epoch
+        # sums (loss, el2n, margin, forgetting events) are extra columns of
+        # `sums_visits`, so the score and every signal share one scatter per
+        # step; the confidence sums are one float64 [N, 2] variable (its
+        # variance is a difference of sums). Forgetting keeps a persistent
+        # last-correct flag per sample (slot N is a dump for rows that must
+        # not write); every replica applies the whole global batch to it, so
+        # its copies stay identical (ONLY_FIRST_REPLICA), and only replica 0
+        # counts the events.
         self.signals = tuple(signals)
-        self.signal_vars: dict[str, tf.Variable] = {}
-        for name in self.signals:
-            for sum_name in SUMS.get(name, ()):
-                # Confidence sums are float64: its variance is a difference of sums.
-                dtype = tf.float64 if name == "confidence" else tf.float32
-                self.signal_vars[sum_name] = _replica_variable(f"sie_{sum_name}", [n], dtype)
-        self.last_correct = self.forget_events = None
+        self.columns = ("sum", "visits") + tuple(
+            name for name in ("loss", "el2n", "margin", "forgetting") if name in self.signals
+        )
+        if len(self.columns) > 2:
+            self.sums_visits = _replica_variable("sie_sums_visits", [n, len(self.columns)],
+                                                 tf.float32)
+        self.confidence_sums = None
+        if "confidence" in self.signals:
+            self.confidence_sums = _replica_variable("sie_confidence_sums", [n, 2], tf.float64)
+        self.last_correct = None
         if "forgetting" in self.signals:
             self.last_correct = _first_replica_variable("sie_last_correct", [n + 1], tf.int32, -1)
-            self.forget_events = _first_replica_variable("sie_forget_events", [n], tf.int32)
         # Ranked lists (`attach_queries`): the per-query buffer and each item's query.
         self.queries: ImportanceBuffer | None = None
         self.item_query = None
@@ -198,10 +204,11 @@ class ImportanceBuffer:
     def variables(self) -> list[tf.Variable]:
         """Every device variable of the buffer (for memory accounting and placement)."""
         out = [self.sums_visits, self.feature_sums, self.counters, self.invalid_example]
-        out += [v for v in (self.task_sums, self.last_correct, self.forget_events) if v is not None]
+        out += [v for v in (self.task_sums, self.last_correct, self.confidence_sums)
+                if v is not None]
         if self.queries is not None:
             out += [self.item_query] + self.queries.variables
-        return out + list(self.signal_vars.values())
+        return out
 
     # ----------------------------------------------------------------- in-step
     def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
@@ -267,14 +274,14 @@ class ImportanceBuffer:
         safe_slots = tf.where(known, slots, tf.zeros_like(slots))
         # tf.where, not a multiply: a NaN row times 0 would still be NaN.
         clean_total = tf.where(valid, total, tf.zeros_like(total))
-        _scatter_add(self.sums_visits, safe_slots,
-                     tf.stack([clean_total, tf.cast(valid, tf.float32)], axis=1))
+        columns = [clean_total, tf.cast(valid, tf.float32)]
+        columns += self._signal_columns(safe_slots, valid, signal_rows or {}, correct)
+        _scatter_add(self.sums_visits, safe_slots, tf.stack(columns, axis=1))
         if self.task_sums is not None and per_task_rows:
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
             tasks = tasks * tf.cast(scale, tf.float32)
             tasks = tf.where(valid[:, None], tasks, tf.zeros_like(tasks))
             _scatter_add(self.task_sums, safe_slots, tasks)
-        self._accumulate_signals(safe_slots, valid, signal_rows or {}, correct)
         per_feature = tf.reduce_sum(tf.where(valid[:, None], rows, tf.zeros_like(rows)), axis=0)
         pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
         _assign_add(self.feature_sums, tf.pad(per_feature, [[0, pad]]))
@@ -299,40 +306,48 @@ class ImportanceBuffer:
                 updates=tf.reshape(worst, [1]),
             )
 
-    def _accumulate_signals(self, slots, valid, signal_rows, correct) -> None:
-        for name, values in signal_rows.items():
-            var = self.signal_vars[name]
-            values = tf.reshape(tf.cast(values, var.dtype), [-1])
+    def _signal_columns(self, slots, valid, signal_rows, correct) -> list[tf.Tensor]:
+        """The signals' columns of this step's scatter (and the confidence and
+        forgetting updates, which have their own variables)."""
+        columns = []
+        for name in self.columns[2:]:
+            if name == "forgetting":
+                columns.append(self._forgetting_events(slots, valid, correct))
+                continue
+            values = tf.reshape(tf.cast(signal_rows[name], tf.float32), [-1])
             ok = tf.logical_and(valid, tf.math.is_finite(values))
-            values = tf.where(ok, values, tf.zeros_like(values))
-            _scatter_add(var, slots, values)
-            if name == "confidence":
-                _scatter_add(self.signal_vars["confidence_sq"], slots, values * values)
-        if self.last_correct is None or correct is None:
-            return
+            columns.append(tf.where(ok, values, tf.zeros_like(values)))
+        if self.confidence_sums is not None:
+            c = tf.reshape(tf.cast(signal_rows["confidence"], tf.float64), [-1])
+            ok = tf.logical_and(valid, tf.math.is_finite(c))
+            c = tf.where(ok, c, tf.zeros_like(c))
+            _scatter_add(self.confidence_sums, slots, tf.stack([c, c * c], axis=1))
+        return columns
+
+    def _forgetting_events(self, slots, valid, correct) -> tf.Tensor:
+        """Updates the last-correct flags; returns this replica's rows' events [B]."""
         correct = tf.cast(tf.reshape(correct, [-1]), tf.int32)
-        write = tf.where(valid, slots, tf.fill(tf.shape(slots), tf.constant(
-            self.num_samples, slots.dtype)))
+        dump = tf.constant(self.num_samples, slots.dtype)
+        write = tf.where(valid, slots, tf.fill(tf.shape(slots), dump))
         ctx = tf.distribute.get_replica_context()
+        local = tf.shape(write)[0]
+        offset = tf.constant(0, tf.int32)
         if ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Every replica applies the global batch, in replica order, to its copy.
+            sizes = ctx.all_gather(tf.reshape(local, [1]), axis=0)
+            offset = tf.reduce_sum(sizes[: ctx.replica_id_in_sync_group])
             write = ctx.all_gather(write, axis=0)
             correct = ctx.all_gather(correct, axis=0)
-        # Raw read of this replica's copy (a cross-replica read is not allowed here).
-        current = tf.raw_ops.ReadVariableOp(resource=self.last_correct.handle, dtype=tf.int32)
-        previous = tf.gather(current, write)
+        previous = tf.raw_ops.ResourceGather(resource=self.last_correct.handle, indices=write,
+                                             dtype=tf.int32)
         counted = write < self.num_samples
         event = tf.logical_and(counted, tf.logical_and(tf.equal(previous, 1),
                                                       tf.equal(correct, 0)))
-        dump = tf.fill(tf.shape(write), tf.constant(0, write.dtype))
-        tf.raw_ops.ResourceScatterAdd(
-            resource=self.forget_events.handle,
-            indices=tf.where(counted, write, dump),
-            updates=tf.cast(event, tf.int32),
-        )
         tf.raw_ops.ResourceScatterUpdate(
             resource=self.last_correct.handle, indices=write,
             updates=tf.where(counted, correct, previous),
         )
+        return tf.cast(event[offset:offset + local], tf.float32)  # this replica's rows
 
     # ------------------------------------------------------------------- host
     def accumulate_item_queries(self, item_ids: tf.Tensor, query_ids: tf.Tensor) -> None:
@@ -351,7 +366,7 @@ class ImportanceBuffer:
         if self.queries is not None:
             self.queries.reset()
         for var in (self.sums_visits, self.feature_sums, self.counters, self.task_sums,
-                    self.forget_events, *self.signal_vars.values()):
+                    self.confidence_sums):
             if var is not None:
                 var.assign(tf.zeros_like(var))
         for v in _local_variables(self.invalid_example, self.strategy):
@@ -384,7 +399,7 @@ class ImportanceBuffer:
             keys=keys,
             task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
             else None,
-            signal_sums=self._read_signals(),
+            signal_sums=self._read_signals(sums_visits),
             queries=self.queries.read() if self.queries is not None else None,
             item_query=(np.max(_local_values(self.item_query, self.strategy), axis=0).astype(
                 np.int64) if self.item_query is not None else None),
@@ -393,11 +408,12 @@ class ImportanceBuffer:
             num_groups=counters["group_steps"] // steps if steps else 0,
         )
 
-    def _read_signals(self) -> dict[str, np.ndarray]:
-        out = {name: _read(var) for name, var in self.signal_vars.items()}
-        if self.forget_events is not None:
-            out["forgetting"] = _local_values(self.forget_events, self.strategy)[0].astype(
-                np.int64)
+    def _read_signals(self, sums_visits: np.ndarray) -> dict[str, np.ndarray]:
+        out = {name: sums_visits[:, k].astype(np.int64 if name == "forgetting" else np.float32)
+               for k, name in enumerate(self.columns) if k >= 2}
+        if self.confidence_sums is not None:
+            confidence = _read(self.confidence_sums)
+            out["confidence"], out["confidence_sq"] = confidence[:, 0], confidence[:, 1]
         return out
 
     def restore_forgetting(self, last_correct: np.ndarray) -> None:

@@ -28,10 +28,6 @@ CLASSIFICATION_SIGNALS = ("el2n", "margin", "confidence", "forgetting")
 READABLE = SIGNALS + ("confidence_std",)
 # Device bytes per sample each signal adds to the buffer (the default score: 8).
 BYTES_PER_SAMPLE = {"loss": 4, "el2n": 4, "margin": 4, "confidence": 16, "forgetting": 8}
-# Per-epoch sums the buffer keeps per sample (reset each epoch; float32, the
-# two confidence sums float64 because its variance is a difference of sums).
-SUMS = {"loss": ("loss",), "el2n": ("el2n",), "margin": ("margin",),
-        "confidence": ("confidence", "confidence_sq")}
 _EPS = 1e-7
 
 
