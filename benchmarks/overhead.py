@@ -292,7 +292,10 @@ def buffer_device_bytes(sie: keras_sie.SampleImportance) -> dict[str, int]:
     buf = sie._buffer  # benchmark introspection of the live buffer
     per_sample = 0
     total = 0
-    for var in buf.variables:
+    variables = getattr(buf, "variables", None)
+    if variables is None:  # keras_sie before the packed buffer (for A/B runs of old commits)
+        variables = [v for v in vars(buf).values() if isinstance(v, tf.Variable)]
+    for var in variables:
         nbytes = int(var.shape.num_elements()) * var.dtype.size
         total += nbytes
         if var.shape.rank >= 1 and var.shape[0] in (buf.num_samples, buf.num_samples + 1):
