@@ -684,6 +684,44 @@ _KIND_BY_FUNCTION = {
 }
 
 
+def model_output_names(model) -> list[str]:
+    """Output names of a functional model (positions as a fallback; [] when unknown).
+
+    Shared by the Keras 3 and tf_keras adapters: both generations expose
+    `outputs` and `output_names` the same way.
+    """
+    try:
+        outputs = model.outputs or []
+    except (AttributeError, ValueError):
+        outputs = []
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) == len(outputs):
+        return [str(n) for n in names]
+    return [f"output_{k}" for k in range(len(outputs))]
+
+
+def model_input_names(model, x_structure: Any) -> list[str]:
+    """One name per leaf of `x`: dict keys, else the functional Input layers' names
+    ("features"; "input_layer" when auto-named), else positions. Shared by both adapters."""
+    if isinstance(x_structure, dict):
+        return [str(k) for k in sorted(x_structure.keys())]  # tf.nest sorts dict keys
+    leaves = tf.nest.flatten(x_structure)
+    names = None
+    try:
+        inputs = model.inputs
+        if inputs is not None and len(inputs) == len(leaves):
+            names = [
+                getattr(getattr(t, "_keras_history", [None])[0], "name", None)
+                or getattr(t, "name", None)
+                for t in inputs
+            ]
+    except (AttributeError, ValueError):
+        names = None
+    if not names or any(n is None for n in names):
+        names = ["input"] if len(leaves) == 1 else [f"input_{i}" for i in range(len(leaves))]
+    return [str(n).split(":")[0] for n in names]
+
+
 class Keras3Adapter:
     """Everything keras_sie needs from a Keras 3 model, in one place.
 
@@ -813,35 +851,11 @@ class Keras3Adapter:
         return type(self.model).compute_loss is not keras.Model.compute_loss
 
     def output_names(self) -> list[str]:
-        try:
-            outputs = self.model.outputs or []
-        except (AttributeError, ValueError):
-            outputs = []
-        names = list(getattr(self.model, "output_names", None) or [])
-        if len(names) == len(outputs):
-            return [str(n) for n in names]
-        return [f"output_{k}" for k in range(len(outputs))]
+        return model_output_names(self.model)
 
     def input_names(self, x_structure: Any) -> list[str]:
         """One name per leaf of `x` (dict keys; functional input names; positions)."""
-        if isinstance(x_structure, dict):
-            return [str(k) for k in sorted(x_structure.keys())]  # tf.nest sorts dict keys
-        leaves = tf.nest.flatten(x_structure)
-        names = None
-        try:
-            inputs = self.model.inputs
-            if inputs is not None and len(inputs) == len(leaves):
-                # The Input layer's name ("features"; "input_layer" when auto-named).
-                names = [
-                    getattr(getattr(t, "_keras_history", [None])[0], "name", None)
-                    or getattr(t, "name", None)
-                    for t in inputs
-                ]
-        except (AttributeError, ValueError):
-            names = None
-        if not names or any(n is None for n in names):
-            names = ["input"] if len(leaves) == 1 else [f"input_{i}" for i in range(len(leaves))]
-        return [str(n).split(":")[0] for n in names]
+        return model_input_names(self.model, x_structure)
 
     def trace_forward(self, x_spec: Any) -> ForwardTrace:
         """Traces one symbolic training-mode forward pass (nothing runs).

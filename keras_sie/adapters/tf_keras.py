@@ -48,6 +48,8 @@ from keras_sie.adapters.keras3 import (
     ForwardTrace,
     StepPlan,
     _ancestor_leaves,
+    model_input_names,
+    model_output_names,
     row_abs_sum,
 )
 
@@ -648,34 +650,11 @@ class TfKerasAdapter:
     def output_names(self) -> list[str]:
         if self.step_kind() == "tfrs":
             return []  # a TFRS model's loss is its task's, not per output
-        try:
-            outputs = self.model.outputs or []
-        except (AttributeError, ValueError):
-            outputs = []
-        names = list(getattr(self.model, "output_names", None) or [])
-        if len(names) == len(outputs):
-            return [str(n) for n in names]
-        return [f"output_{k}" for k in range(len(outputs))]
+        return model_output_names(self.model)
 
     def input_names(self, x_structure: Any) -> list[str]:
         """One name per leaf of `x` (dict keys; functional input names; positions)."""
-        if isinstance(x_structure, dict):
-            return [str(k) for k in sorted(x_structure.keys())]  # tf.nest sorts dict keys
-        leaves = tf.nest.flatten(x_structure)
-        names = None
-        try:
-            inputs = self.model.inputs
-            if inputs is not None and len(inputs) == len(leaves):
-                names = [
-                    getattr(getattr(t, "_keras_history", [None])[0], "name", None)
-                    or getattr(t, "name", None)
-                    for t in inputs
-                ]
-        except (AttributeError, ValueError):
-            names = None
-        if not names or any(n is None for n in names):
-            names = ["input"] if len(leaves) == 1 else [f"input_{i}" for i in range(len(leaves))]
-        return [str(n).split(":")[0] for n in names]
+        return model_input_names(self.model, x_structure)
 
     def _forward(self, x, training: bool = True):
         """The forward pass the fused step differentiates: the model, or a TFRS loss."""
