@@ -46,6 +46,7 @@ from keras_sie import ids as ids_lib
 from keras_sie.adapters.keras3 import (
     EmbeddingCapture,
     ForwardTrace,
+    StepHook,
     StepPlan,
     _ancestor_leaves,
     model_input_names,
@@ -211,13 +212,12 @@ def _own_scale(ids, loss_scale, reduction: str, divided_by_replicas: bool) -> tf
     return per_replica / tf.cast(loss_scale, tf.float32)
 
 
-class TfKerasStepHook:
+class TfKerasStepHook(StepHook):
     """The fused train step for one tf_keras model in one `fit`.
 
-    The same life cycle as the Keras 3 `StepHook`: `install()` puts the step
-    and the `make_*_function` guards on the model, `uninstall()` (also run
-    when anything raises inside the step, and by the guards when a later
-    `fit`/`evaluate` runs without the owning callback) takes them off.
+    The same life cycle as the Keras 3 `StepHook`, whose install / uninstall,
+    `make_*_function` guards and id checks it inherits: only the steps differ
+    (tf_keras's own `train_step`, or TFRS's).
 
     Args:
         adapter: The model's `TfKerasAdapter`.
@@ -227,79 +227,25 @@ class TfKerasStepHook:
     """
 
     def __init__(self, adapter: TfKerasAdapter, buffer, plan: StepPlan, owner: Any):
-        self.adapter = adapter
-        self.model = adapter.model
-        self.buffer = buffer
-        self.plan = plan
-        self.owner = owner
-        self.kind = adapter.step_kind()
-        self.fused = self.kind in ("keras2", "tfrs")
-        # Target-only inputs of a TFRS model (labels, weights) are not scored.
-        skip = set(adapter.target_leaves)
-        self.watched_leaves = tuple(i for i in plan.watched_leaves if i not in skip)
-        self.installed = False
         if getattr(plan, "signals", ()):
             raise NotImplementedError(
                 "keras_sie: signals= are not supported for tf_keras models yet; remove "
                 "signals= (the input-gradient scores are recorded as usual)."
             )
-
-    # -------------------------------------------------------------- install
-    def install(self) -> None:
-        model = self.model
-        if self.fused:
-            object.__setattr__(model, "train_step", self._train_step)
-        object.__setattr__(model, "test_step", self._test_step)
-        object.__setattr__(model, "make_train_function", self._guarded("make_train_function"))
-        object.__setattr__(model, "make_test_function", self._guarded("make_test_function"))
-        object.__setattr__(model, "_keras_sie_hook", self)
-        model.train_function = None
-        model.test_function = None
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if self.installed:
-            self.adapter.restore()
-            self.installed = False
-
-    def _guarded(self, name: str):
-        model = self.model
-
-        def make_function(force: bool = False):
-            if not self._owner_in_running_fit():
-                self.uninstall()  # a crash skipped on_train_end; this call is not ours
-            return getattr(type(model), name)(model, force=force)
-
-        return make_function
+        super().__init__(adapter, buffer, plan, owner)
+        self.kind = adapter.step_kind()
+        self.fused = self.kind in ("keras2", "tfrs")
+        # Target-only inputs of a TFRS model (labels, weights) are not scored.
+        skip = set(adapter.target_leaves)
+        self.watched_leaves = tuple(i for i in plan.watched_leaves if i not in skip)
 
     def _owner_in_running_fit(self) -> bool:
-        fit_locals = fit_locals_of(self.model)
+        fit_locals = fit_locals_of(self.model)  # tf_keras's fit frame
         if fit_locals is None:
             return False
         return any(cb is self.owner for cb in _callbacks_of(fit_locals))
 
     # ---------------------------------------------------------------- steps
-    def check_ids(self, ids) -> None:
-        """Trace-time checks of the id tensor (raise with the fix)."""
-        key = self.plan.id_key
-        if ids is None:
-            raise ValueError(
-                f"SampleImportance: the training batches carry no {key!r} entry, so scores "
-                "cannot be tied to samples. Wrap the inputs with `keras_sie.with_ids(x)`, or "
-                "add an id feature to your dict inputs and pass its name as `id_key`."
-            )
-        if self.plan.mapping == "index" and not ids.dtype.is_integer:
-            raise TypeError(
-                f"Sample ids ({key!r}) have dtype {ids.dtype.name}; expected integers "
-                "0..num_samples-1. Use keras_sie.with_ids(x), cast the ids to int64, or pass "
-                "key_mapping='hash' for arbitrary int64/string keys."
-            )
-        if self.plan.mapping == "hash" and not (ids.dtype.is_integer or ids.dtype == tf.string):
-            raise TypeError(
-                f"Sample keys ({key!r}) have dtype {ids.dtype.name}; hash keys must be "
-                "integers or strings."
-            )
-
     def _test_step(self, data):
         data, _, _, _, _ = _without_ids(data, self.plan.id_key)
         return type(self.model).test_step(self.model, data)
