@@ -63,3 +63,25 @@ def linear_oracle(model, x, y, sample_weight=None):
     if sample_weight is not None:
         s = s * sample_weight
     return s
+
+
+def disk_full_on(monkeypatch, file_name: str = "epoch_00001.npz") -> dict:
+    """Fault injection at keras_sie's file layer: writing `file_name` hits ENOSPC.
+
+    Returns a dict whose "n" counts the failed attempts.
+    """
+    import errno
+
+    from keras_sie import storage
+
+    real = storage.atomic_write_bytes
+    calls = {"n": 0}
+
+    def full_disk(path, writer, **kwargs):
+        if path.endswith(file_name):
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, writer, **kwargs)
+
+    monkeypatch.setattr(storage, "atomic_write_bytes", full_disk)
+    return calls

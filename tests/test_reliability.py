@@ -1,6 +1,5 @@
 """Bad input, numerical faults, interruption and resume: nothing silently wrong or lost."""
 
-import errno
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close_to_max, linear_model, linear_oracle, linear_problem
+from conftest import assert_close_to_max, disk_full_on, linear_model, linear_oracle, linear_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,17 +247,7 @@ def test_disk_full_during_a_write_warns_once_and_training_goes_on(tmp_path, monk
     x, y = linear_problem(n=40)
     model = linear_model(lr=0.01)
     sie = keras_sie.SampleImportance(log_dir=str(tmp_path), verbose=0)
-    real = storage.atomic_write_bytes
-    calls = {"n": 0}
-
-    def full_disk(path, writer, **kwargs):
-        # Fault injection at our own file layer: the 2nd epoch file hits ENOSPC.
-        if path.endswith("epoch_00001.npz"):
-            calls["n"] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, writer, **kwargs)
-
-    monkeypatch.setattr(storage, "atomic_write_bytes", full_disk)
+    calls = disk_full_on(monkeypatch)  # the 2nd epoch file hits ENOSPC
     with pytest.warns(RuntimeWarning, match="No space left on device.*disabled"):
         hist = model.fit(keras_sie.with_ids(x), y, epochs=3, callbacks=[sie], verbose=0)
     assert len(hist.history["loss"]) == 3  # training completed

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-
 import numpy as np
 import pytest
-from conftest import linear_model, linear_problem
+from conftest import disk_full_on, linear_model, linear_problem
 
 import keras_sie
 from keras_sie import reporting, scores, storage
@@ -32,16 +30,7 @@ def test_background_writes_give_the_same_files_and_flush_at_train_end(tmp_path, 
 
 def test_a_fault_in_a_background_write_warns_once_or_raises_when_strict(tmp_path, monkeypatch):
     monkeypatch.setattr(reporting, "ASYNC_MIN_SAMPLES", 1)
-    real = storage.atomic_write_bytes
-    calls = {"n": 0}
-
-    def full_disk(path, writer, **kwargs):
-        if path.endswith("epoch_00001.npz"):
-            calls["n"] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, writer, **kwargs)
-
-    monkeypatch.setattr(storage, "atomic_write_bytes", full_disk)
+    calls = disk_full_on(monkeypatch)  # the 2nd epoch file hits ENOSPC
     x, y = linear_problem(n=32)
     sie = keras_sie.SampleImportance(log_dir=str(tmp_path), data_map=False, verbose=0)
     with pytest.warns(RuntimeWarning, match="No space left on device.*disabled"):

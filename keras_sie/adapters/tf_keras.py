@@ -46,10 +46,11 @@ from keras_sie import ids as ids_lib
 from keras_sie.adapters.keras3 import (
     EmbeddingCapture,
     ForwardTrace,
+    Keras3Adapter,
     StepHook,
     StepPlan,
     _ancestor_leaves,
-    model_input_names,
+    _callbacks_of,
     model_output_names,
     row_abs_sum,
 )
@@ -152,13 +153,6 @@ def fit_locals_of(model: Any) -> dict[str, Any] | None:
     finally:
         del frame
     return None
-
-
-def _callbacks_of(fit_locals: dict[str, Any]) -> list:
-    callbacks = fit_locals.get("callbacks")
-    if isinstance(callbacks, (list, tuple)):
-        return list(callbacks)
-    return list(getattr(callbacks, "callbacks", None) or [])
 
 
 def _unpack(data):
@@ -453,8 +447,11 @@ def _recording_call(call, found: list):
     return wrapped
 
 
-class TfKerasAdapter:
+class TfKerasAdapter(Keras3Adapter):
     """Everything keras_sie needs from a tf_keras (Keras 2) model, in one place.
+
+    Inherits what both generations do alike (callback list, strategy, layer
+    walk, input names); every tf_keras touch point is overridden here.
 
     Args:
         model: A `tf_keras.Model` (Sequential, functional, subclassed, or a
@@ -528,10 +525,6 @@ class TfKerasAdapter:
         return fit_locals_of(self.model)
 
     @staticmethod
-    def fit_callbacks(fit_locals: dict[str, Any]) -> list:
-        return _callbacks_of(fit_locals)
-
-    @staticmethod
     def data_adapter(fit_locals: dict[str, Any]):
         handler = fit_locals.get("data_handler")
         return getattr(handler, "_adapter", None)
@@ -553,16 +546,6 @@ class TfKerasAdapter:
         return None
 
     # ----------------------------------------------------------- the model
-    @property
-    def strategy(self):
-        return self.model.distribute_strategy
-
-    def is_default_strategy(self) -> bool:
-        return type(self.strategy).__name__ == "_DefaultDistributionStrategy"
-
-    def all_layers(self) -> list:
-        return list(self.model._flatten_layers(include_self=False, recursive=True))
-
     def embedding_layers(self) -> list:
         embedding = _tf_keras().layers.Embedding
         return [layer for layer in self.all_layers() if isinstance(layer, embedding)]
@@ -597,10 +580,6 @@ class TfKerasAdapter:
         if self.step_kind() == "tfrs":
             return []  # a TFRS model's loss is its task's, not per output
         return model_output_names(self.model)
-
-    def input_names(self, x_structure: Any) -> list[str]:
-        """One name per leaf of `x` (dict keys; functional input names; positions)."""
-        return model_input_names(self.model, x_structure)
 
     def _forward(self, x, training: bool = True):
         """The forward pass the fused step differentiates: the model, or a TFRS loss."""
