@@ -174,10 +174,13 @@ class ImportanceBuffer:
         self.table = None
         if key_mapping == "hash":
             # Keys persist across epochs (a slot keeps its key for the whole run).
-            self.table = tf.lookup.experimental.MutableHashTable(
-                key_dtype=key_dtype, value_dtype=tf.int64, default_value=-1
-            )
-            self.next_slot = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="sie_next_slot")
+            # Slots are handed out 0, 1, 2, ..., so the table's size is the
+            # next free slot. It lives on the host and is used outside the
+            # compiled step (`slots_for_keys`).
+            with tf.device("/cpu:0"):
+                self.table = tf.lookup.experimental.MutableHashTable(
+                    key_dtype=key_dtype, value_dtype=tf.int64, default_value=-1
+                )
 
     def attach_queries(self, num_queries: int) -> ImportanceBuffer:
         """Ranked lists: adds a per-query buffer and each item's query id (call in scope).
@@ -211,16 +214,31 @@ class ImportanceBuffer:
         return out
 
     # ----------------------------------------------------------------- in-step
-    def _slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
+    def slots_for_keys(self, keys: tf.Tensor) -> tf.Tensor:
+        """Maps hash keys to slots, giving new keys the next free slots (hash mode).
+
+        Runs outside the compiled step (the table is a host-side
+        `tf.lookup` resource that neither XLA nor per-replica code can
+        share), on the whole global batch at once: new keys get slots in the
+        order they first appear, so every run of the same data assigns the
+        same slots. Keys that arrive after the buffer is full get -1.
+
+        Args:
+            keys: [n] int64 or string keys.
+
+        Returns:
+            int64 [n] slots, -1 for keys that found no room.
+        """
+        keys = tf.reshape(tf.cast(keys, self.key_dtype) if self.key_dtype != tf.string
+                          else keys, [-1])
         slots = tf.reshape(self.table.lookup(keys), [-1])
         new_keys, _ = tf.unique(tf.boolean_mask(keys, slots < 0))
         n_new = tf.size(new_keys, out_type=tf.int64)
-        start = self.next_slot.read_value()
+        start = self.table.size()
         room = tf.maximum(tf.constant(self.num_samples, tf.int64) - start, 0)
         n_take = tf.minimum(n_new, room)
-        self.table.insert(new_keys[:n_take], start + tf.range(n_take, dtype=tf.int64))
-        self.next_slot.assign_add(n_take)
-        with tf.control_dependencies([self.next_slot]):
+        insert = self.table.insert(new_keys[:n_take], start + tf.range(n_take, dtype=tf.int64))
+        with tf.control_dependencies([insert]):
             return tf.reshape(self.table.lookup(keys), [-1])
 
     def accumulate(
@@ -237,7 +255,8 @@ class ImportanceBuffer:
         """Adds one batch. Runs inside the compiled step.
 
         Args:
-            ids: [B] sample ids (index mode) or keys (hash mode).
+            ids: [B] sample ids (index mode) or slots from `slots_for_keys`
+                (hash mode; -1 for a key that found no room).
             per_feature_rows: one [B] float tensor per feature group:
                 sum over that group's elements of |d batch_loss / d x|.
             scale: factor that turns a batch-loss gradient into the sample's
@@ -261,7 +280,7 @@ class ImportanceBuffer:
         ok = tf.constant(True) if step_ok is None else tf.reshape(step_ok, [])
         ids = tf.reshape(ids, [-1])
         if self.key_mapping == "hash":
-            slots = self._slots_for_keys(tf.cast(ids, self.key_dtype))
+            slots = tf.cast(ids, tf.int64)
             known = slots >= 0
         else:
             slots = tf.cast(ids, tf.int64)
@@ -434,4 +453,3 @@ class ImportanceBuffer:
             return
         k = tf.constant(keys, dtype=self.key_dtype)
         self.table.insert(k, tf.range(len(keys), dtype=tf.int64))
-        self.next_slot.assign(len(keys))

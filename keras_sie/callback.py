@@ -123,8 +123,11 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             `None`.
         top_k: Rows of the top-k table logged per epoch. Defaults to 20.
         key_mapping: `"index"` (ids are buffer slots), `"hash"` (arbitrary
-            int64 or string keys mapped to slots on the device as batches
-            arrive) or `"auto"` (hash for string ids, else index).
+            int64 or string keys, mapped to slots in first-come order by a
+            host-side table before the compiled step, so it works under
+            `jit_compile=True`, `MirroredStrategy` and, for int64 keys,
+            `MultiWorkerMirroredStrategy`) or `"auto"` (hash for string ids,
+            else index).
             Defaults to `"auto"`.
         on_invalid_id: `"raise"` to stop with an error naming an id outside
             `0..num_samples-1`, or `"skip"` to leave such rows out, count them
@@ -444,19 +447,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 per_task=self.per_task, signals=self.signals,
             )
             plan = inspection.inspect_fit(config, adapter, fit_locals)
-            if plan.mapping == "hash" and adapter.strategy.num_replicas_in_sync > 1:
-                raise NotImplementedError(
-                    "key_mapping='hash' is not supported with more than one replica (the key "
-                    "table is shared across replicas). Map keys to 0..N-1 ids in your input "
-                    "pipeline (e.g. with a tf.lookup.StaticHashTable) and use "
-                    "key_mapping='index'."
-                )
-            if plan.mapping == "hash" and getattr(model, "jit_compile", False) is True:
-                raise ValueError(
-                    "key_mapping='hash' keeps a tf.lookup hash table, which XLA cannot compile; "
-                    "compile the model with jit_compile=False, or map keys to 0..N-1 ids in "
-                    "the input pipeline and use key_mapping='index'."
-                )
+            adapter.check_key_mapping(plan)
             if self._record is not None and self._record.num_samples != plan.num_samples:
                 raise ValueError(
                     f"keras_sie: this callback recorded {self._record.num_samples} samples in "

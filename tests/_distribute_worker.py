@@ -38,7 +38,22 @@ def problem(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional: bool = False):
+def hash_keys(n: int, kind: str) -> np.ndarray:
+    """Arbitrary keys for ids 0..n-1 (first-come slots differ from the ids)."""
+    raw = np.random.default_rng(7).choice(10**12, size=n, replace=False).astype("int64")
+    # Keras takes string arrays as object arrays (it refuses numpy str/bytes dtypes).
+    return raw if kind == "int64" else np.array(
+        [f"req-{k:x}:item-{i}" for i, k in enumerate(raw)], dtype=object)
+
+
+def by_id(sie, keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """A hash run's per-slot scores put back in id order."""
+    slot_of = {k: i for i, k in enumerate(sie.keys.tolist())}
+    return np.array([scores[slot_of[k]] for k in keys.tolist()])
+
+
+def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional: bool = False,
+          keys: np.ndarray | None = None, jit_compile: bool = False):
     """Trains the reference MLP under `strategy` with a `SampleImportance`.
 
     Weights are set from a fixed numpy draw (not from TF's seeded
@@ -66,13 +81,18 @@ def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional:
                 keras.layers.Dense(3, activation="tanh"),
                 keras.layers.Dense(1),
             ])
-        model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse", metrics=["mae"])
+        model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse", metrics=["mae"],
+                      jit_compile=jit_compile)
     rng = np.random.default_rng(1)
     model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
     keras_sie.prepare_distributed(model)
-    sie = keras_sie.SampleImportance(log_dir=log_dir, verbose=0)
+    inputs = keras_sie.with_ids(x)
+    if keys is not None:
+        inputs = dict(inputs, sample_id=keys)  # arbitrary keys: key_mapping="auto"/"hash"
+    sie = keras_sie.SampleImportance(log_dir=log_dir, verbose=0,
+                                     key_mapping="index" if keys is None else "hash")
     keras.utils.set_random_seed(0)
-    model.fit(keras_sie.with_ids(x), y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True,
+    model.fit(inputs, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True,
               callbacks=[sie], verbose=0)
     return sie, model
 
@@ -145,6 +165,19 @@ def mirrored(out: str) -> None:
                            ("mirrored", mirrored_strategy)):
         for key, value in train_classifier(strategy).items():
             results[f"{name}_cls_{key}"] = value
+    # Arbitrary keys (string and int64) under MirroredStrategy: scores put
+    # back in id order. (XLA is covered on one device in test_categorical.py:
+    # Keras itself cannot jit-compile a MirroredStrategy step over logical
+    # CPUs, variables on another device; benchmarks/gpu_check.sh runs it on GPUs.)
+    for kind in ("string", "int64"):
+        keys = hash_keys(102, kind)
+        sie, model = train(mirrored_strategy, 102, 2, keys=keys)
+        prefix = f"hash_{kind}"
+        results[f"{prefix}_visits"] = by_id(sie, keys, sie.visits)
+        for e, imp in sie.history.items():
+            results[f"{prefix}_importance_{e}"] = by_id(sie, keys, imp)
+        for i, w in enumerate(model.get_weights()):
+            results[f"{prefix}_weight_{i}"] = w
     np.savez(out, **results)
 
 
@@ -154,8 +187,21 @@ def multiworker(out: str, log_dir: str) -> None:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     task = json.loads(os.environ["TF_CONFIG"])["task"]
-    sie, model = train(strategy, int(os.environ.get("SIE_TEST_N", "102")), 2, log_dir)
+    n = int(os.environ.get("SIE_TEST_N", "102"))
+    sie, model = train(strategy, n, 2, log_dir)
     results = _result("worker", sie, model)
+    # int64 hash keys: every worker's key table must assign the same slots.
+    keys = hash_keys(n, "int64")
+    sie, _ = train(strategy, n, 2, keys=keys)
+    results["hash_visits"] = by_id(sie, keys, sie.visits)
+    for e, imp in sie.history.items():
+        results[f"hash_importance_{e}"] = by_id(sie, keys, imp)
+    # String keys cannot be all-gathered: refused before training, naming the fix.
+    try:
+        train(strategy, n, 1, keys=hash_keys(n, "string"))
+        results["string_keys_refused"] = np.array("")
+    except NotImplementedError as e:
+        results["string_keys_refused"] = np.array(str(e))
     results["task_index"] = np.array(task["index"])
     results["replicas"] = np.array(strategy.num_replicas_in_sync)
     np.savez(out, **results)

@@ -199,9 +199,31 @@ def test_integer_input_without_embedding_is_a_clear_error():
     assert list(sie.feature_importance) == ["floats"]
 
 
-def test_hash_keys_with_xla_fail_before_training():
+@pytest.mark.parametrize("kind", ["int64", "string"])
+def test_hash_keys_under_xla_equal_the_index_run(kind):
+    """jit_compile=True: keys are mapped to slots before the compiled step."""
     x, y = _data()
-    model = _model(jit_compile=True)
-    sie = keras_sie.SampleImportance(key_mapping="hash", verbose=0)
-    with pytest.raises(ValueError, match="jit_compile=False"):
-        model.fit(dict(x, sample_id=np.arange(N) * 3), y, callbacks=[sie], verbose=0)
+    raw = np.random.default_rng(3).choice(10**12, size=N, replace=False).astype("int64")
+    keys = raw if kind == "int64" else np.array([f"req-{k:x}:item" for k in raw])
+
+    def run(ids, mapping):
+        model = _model(jit_compile=True, lr=0.05)
+        model.set_weights(reference_weights)
+        sie = keras_sie.SampleImportance(key_mapping=mapping, num_samples=N, verbose=0)
+        ds = tf.data.Dataset.from_tensor_slices((dict(x, sample_id=ids), y)).shuffle(
+            N, seed=4).batch(16)
+        model.fit(ds, epochs=2, callbacks=[sie], verbose=0)
+        return sie, model
+
+    keras.utils.set_random_seed(0)
+    reference_weights = _model(lr=0.05).get_weights()
+    index, index_model = run(np.arange(N, dtype="int64"), "index")
+    hashed, hashed_model = run(keys, "hash")
+    assert hashed.key_mapping == "hash"
+    slot_of = {k: i for i, k in enumerate(hashed.keys.tolist())}
+    for epoch in (0, 1):
+        got = np.array([hashed.history[epoch][slot_of[k]] for k in keys.tolist()])
+        assert_close_to_max(got, index.history[epoch], rel=1e-5)
+    assert (hashed.visits[: N] == 1).all()
+    for a, b in zip(hashed_model.get_weights(), index_model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

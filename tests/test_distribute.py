@@ -147,6 +147,14 @@ def test_mirrored_strategy_gives_the_single_device_scores(tmp_path):
                 assert np.isfinite(ref).all()
                 assert_close_to_max(got, ref, rel=REL)
     assert sum(r[f"single_cls_signal_forgetting_{e}"].sum() for e in range(3)) > 0
+    # Arbitrary keys (key_mapping="hash"), string and int64: the single-device
+    # index-mode scores, sample by sample.
+    for kind in ("string", "int64"):
+        prefix = f"hash_{kind}"
+        _assert_same_scores(r, r, prefix, "single_102", epochs=2)
+        for i in range(4):
+            np.testing.assert_allclose(r[f"{prefix}_weight_{i}"], r[f"single_102_weight_{i}"],
+                                       rtol=1e-5, atol=1e-7)
 
 
 def test_multi_worker_mirrored_strategy_gives_the_single_device_scores_and_only_the_chief_writes(
@@ -161,6 +169,9 @@ def test_multi_worker_mirrored_strategy_gives_the_single_device_scores_and_only_
         # Every worker reads the combined buffer (the read is a collective).
         assert (r["worker_visits"] == 1).all()
         _assert_same_scores(r, ref, "worker", "single", epochs=2)
+        # int64 hash keys: the workers' tables agree, scores are the index run's.
+        _assert_same_scores(r, ref, "hash", "single", epochs=2)
+        assert "to_hash_bucket_fast" in str(r["string_keys_refused"])
 
     chief_dir, other_dir = tmp_path / "logs_worker0", tmp_path / "logs_worker1"
     assert not other_dir.exists() or not any(other_dir.rglob("*")), "a non-chief worker wrote"

@@ -404,7 +404,8 @@ def test_buffer_accumulation_matches_numpy_reference(n, batches):
                         max_size=4))
 def test_hash_keys_match_a_first_come_slot_reference(capacity, batches):
     buf = ImportanceBuffer(capacity, key_mapping="hash")
-    step = tf.function(lambda keys, rows: buf.accumulate(keys, [rows], 1.0), reduce_retracing=True)
+    step = tf.function(lambda keys, rows: buf.accumulate(buf.slots_for_keys(keys), [rows], 1.0),
+                       reduce_retracing=True)
     slot_of, sums, dropped = {}, np.zeros(capacity), 0
     for batch in batches:
         keys = np.array(batch, dtype=np.int64) * 1000 + 7

@@ -146,6 +146,13 @@ def row_abs_sum(g: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
     return tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)
 
 
+def _is_multi_worker(strategy) -> bool:
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    multi_worker = getattr(tf_trainer, "_collective_all_reduce_multi_worker", None)
+    return bool(multi_worker is not None and multi_worker(strategy))
+
+
 def _multi_worker_reducible(logs):
     """Step outputs that Keras 3 can average across workers.
 
@@ -336,9 +343,89 @@ class StepHook:
             if not self._owner_in_running_fit():
                 # A crash skipped on_train_end; this fit/evaluate is not ours.
                 self.uninstall()
+            elif name == "make_train_function" and self.maps_keys:
+                if model.train_function is None or force:
+                    model.train_function = self._keyed_train_function()
+                return model.train_function
             return getattr(type(model), name)(model, force=force)
 
         return make_function
+
+    @property
+    def maps_keys(self) -> bool:
+        """Whether ids are mapped to slots before the compiled step (hash keys)."""
+        return self.plan.mapping == "hash"
+
+    def _keyed_train_function(self):
+        """Keras's train function with one stage in front: keys -> slots.
+
+        The compiled step (XLA or not, on every replica) only ever sees int64
+        slots. The key->slot table is a host-side `tf.lookup` resource that XLA
+        cannot compile and replicas cannot share, so the mapping runs in its
+        own (non-XLA) `tf.function` on the whole global batch, before
+        `strategy.run`: one table, one order of first appearance, the same
+        slots as on one device. Under `MultiWorkerMirroredStrategy` the keys
+        are all-gathered first and every worker inserts the same global batch
+        in the same order, so the workers' tables stay identical.
+
+        The step itself is built the way `TensorFlowTrainer._make_function`
+        builds it (`strategy.run` + `reduce_per_replica`, `jit_compile` as the
+        model says); `steps_per_execution` steps run per call.
+        """
+        model = self.model
+        strategy = model.distribute_strategy
+        reduce_per_replica = _private(
+            "keras.src.backend.tensorflow.trainer.reduce_per_replica")
+        train_step = model.train_step
+
+        def one_step_on_data(data):
+            outputs = strategy.run(train_step, args=(data,))
+            return reduce_per_replica(outputs, strategy, reduction="auto")
+
+        map_keys = self._map_keys
+        if not model.run_eagerly:
+            one_step_on_data = tf.function(one_step_on_data, reduce_retracing=True,
+                                           jit_compile=bool(model.jit_compile))
+            map_keys = tf.function(map_keys, reduce_retracing=True)
+
+        def function(iterator):
+            outputs = None
+            for _ in range(max(1, int(model.steps_per_execution))):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+                outputs = one_step_on_data(map_keys(data))
+            if outputs is None:
+                raise StopIteration
+            return outputs
+
+        return function
+
+    def _map_keys(self, data):
+        """Replaces the batch's keys by their buffer slots (cross-replica context)."""
+        x = data[0] if isinstance(data, tuple) else data
+        key = self.plan.id_key
+        if not isinstance(x, dict) or key not in x:
+            self.check_ids(None)
+        keys = x[key]
+        strategy = self.model.distribute_strategy
+        parts = strategy.experimental_local_results(keys)
+        if _is_multi_worker(strategy):
+            everyone = strategy.gather(keys, axis=0)  # same order on every worker
+            self.buffer.slots_for_keys(everyone)
+        slots_all = self.buffer.slots_for_keys(tf.concat([tf.reshape(p, [-1]) for p in parts], 0))
+        sizes = [tf.size(p) for p in parts]
+        pieces = tf.split(slots_all, tf.stack(sizes)) if len(parts) > 1 else [slots_all]
+        new_parts = []
+        for part, piece in zip(parts, pieces):
+            with tf.device(part.device):
+                new_parts.append(tf.reshape(tf.identity(piece), tf.shape(part)))
+        slots = new_parts[0] if len(parts) == 1 and not isinstance(
+            keys, tf.distribute.DistributedValues) else type(keys)(tuple(new_parts))
+        x = dict(x)
+        x[key] = slots
+        return (x,) + tuple(data[1:]) if isinstance(data, tuple) else x
 
     def _owner_in_running_fit(self) -> bool:
         fit_locals = fit_locals_of(self.model)
@@ -761,6 +848,24 @@ class Keras3Adapter:
 
     def train_step_is_default(self) -> bool:
         return type(self.model).train_step is _trainer_class().train_step
+
+    def check_key_mapping(self, plan) -> None:
+        """Refuses, before training, key mappings this generation cannot run.
+
+        Keras 3 maps hash keys outside the compiled step, so they work on one
+        device, under `MirroredStrategy` and with `jit_compile=True`; under
+        `MultiWorkerMirroredStrategy` the workers share keys through an
+        all-gather, which collectives support for integers only.
+        """
+        if (plan.mapping == "hash" and plan.key_dtype == tf.string
+                and _is_multi_worker(self.strategy)):
+            raise NotImplementedError(
+                "key_mapping='hash' with string keys is not supported under "
+                "MultiWorkerMirroredStrategy (workers share new keys with an all-gather, which "
+                "needs integer keys). Turn the keys into int64 in the input pipeline, e.g. "
+                "`tf.strings.to_hash_bucket_fast(key, 2**62)` or a fingerprint, and keep "
+                "key_mapping='hash'."
+            )
 
     def step_hook(self, buffer, plan: StepPlan, owner: Any) -> StepHook:
         """The fused step of this Keras generation for this model (not yet installed)."""

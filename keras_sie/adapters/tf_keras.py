@@ -220,6 +220,13 @@ class TfKerasStepHook(StepHook):
         owner: The callback that owns this step.
     """
 
+    # tf_keras maps hash keys inside the step (one replica, no XLA: the
+    # adapter refuses the rest before training).
+    maps_keys = False
+
+    def _slots(self, ids):
+        return self.buffer.slots_for_keys(ids) if self.plan.mapping == "hash" else ids
+
     def __init__(self, adapter: TfKerasAdapter, buffer, plan: StepPlan, owner: Any):
         if getattr(plan, "signals", ()):
             raise NotImplementedError(
@@ -311,7 +318,7 @@ class TfKerasStepHook(StepHook):
                 [tf.reduce_all(tf.math.is_finite(g)) for g in weight_grads if g is not None]
             )
         scale = _own_scale(ids, loss_scale, plan.reduction, divided_by_replicas=True)
-        self.buffer.accumulate(ids, rows, scale, task_rows, step_ok=step_ok)
+        self.buffer.accumulate(self._slots(ids), rows, scale, task_rows, step_ok=step_ok)
         optimizer.apply_gradients(zip(weight_grads, trainable))
         return model.compute_metrics(x, y, y_pred, sample_weight)
 
@@ -343,7 +350,7 @@ class TfKerasStepHook(StepHook):
         n_w = len(trainable)
         rows = self._group_rows(ids, watched, capture.records, gradients[n_w:])
         scale = _own_scale(ids, 1.0, plan.reduction, divided_by_replicas=False)
-        self.buffer.accumulate(ids, rows, scale)
+        self.buffer.accumulate(self._slots(ids), rows, scale)
         model.optimizer.apply_gradients(zip(gradients[:n_w], trainable))
 
         metrics = {metric.name: metric.result() for metric in model.metrics}
@@ -384,7 +391,7 @@ class TfKerasStepHook(StepHook):
         self.check_ids(sample_ids)
         leaves = tf.nest.flatten(input_gradients)
         scale = _own_scale(sample_ids, loss_scale, self.plan.reduction, divided_by_replicas=True)
-        self.buffer.accumulate(sample_ids, [row_abs_sum(g) for g in leaves], scale)
+        self.buffer.accumulate(self._slots(sample_ids), [row_abs_sum(g) for g in leaves], scale)
 
 
 def _per_output_losses(model, y, y_pred, sample_weight, task_names) -> list[tf.Tensor] | None:
@@ -461,6 +468,25 @@ class TfKerasAdapter(Keras3Adapter):
     supported = SUPPORTED
 
     generation = "tf_keras"
+
+    def check_key_mapping(self, plan) -> None:
+        """tf_keras maps hash keys inside the step: one replica, no XLA."""
+        if plan.mapping != "hash":
+            return
+        if self.strategy.num_replicas_in_sync > 1:
+            raise NotImplementedError(
+                "key_mapping='hash' with a tf_keras model is not supported with more than one "
+                "replica (the key table would be shared across replicas). Map keys to 0..N-1 "
+                "ids in your input pipeline (e.g. with a tf.lookup.StaticHashTable) and use "
+                "key_mapping='index', or use Keras 3, which supports it."
+            )
+        if getattr(self.model, "_jit_compile", None) or getattr(self.model, "jit_compile", None):
+            raise ValueError(
+                "key_mapping='hash' with a tf_keras model keeps a tf.lookup hash table in the "
+                "step, which XLA cannot compile; compile the model with jit_compile=False, map "
+                "keys to 0..N-1 ids in the input pipeline and use key_mapping='index', or use "
+                "Keras 3, which supports it."
+            )
 
     def __init__(self, model):
         self.model = model
