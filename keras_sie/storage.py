@@ -279,6 +279,8 @@ def load(log_dir: str | os.PathLike) -> ScoreRecord:
 
     Only complete epoch files are read (they are written atomically); files
     are opened without pickle support, so a crafted file cannot execute code.
+    A streaming run (`stream=True`: Parquet shards, no epoch files) is read
+    with `keras_sie.streaming.load_stream`, which needs pyarrow.
 
     Args:
         log_dir: The `log_dir` given to `SampleImportance` (or its `keras_sie`
@@ -308,6 +310,10 @@ def load(log_dir: str | os.PathLike) -> ScoreRecord:
         raise FileNotFoundError(f"No such folder: {log_dir!r}.")
     epochs = list_epochs(log_dir)
     if not epochs:
+        from keras_sie import streaming  # pyarrow is imported only to read shards
+
+        if streaming.is_stream_run(log_dir):
+            return streaming.load_stream(log_dir)
         raise FileNotFoundError(
             f"No keras_sie run under {log_dir!r}: no {RUN_SUBDIR}/epoch_*.npz file. Pass the "
             "log_dir given to SampleImportance, after at least one finished epoch."
