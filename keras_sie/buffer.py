@@ -14,6 +14,7 @@ variable that the host reads once per epoch.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -453,3 +454,91 @@ class ImportanceBuffer:
             return
         k = tf.constant(keys, dtype=self.key_dtype)
         self.table.insert(k, tf.range(len(keys), dtype=tf.int64))
+
+
+class StreamRing:
+    """Streaming mode's ring on the device: one buffer row per visit.
+
+    The buffer (an index-mode `ImportanceBuffer` of `capacity` rows) receives
+    each step's rows at consecutive ring positions; the keys stay in the
+    tensors the input pipeline produced (held, not copied, until the flush)
+    and the step number of each row is bookkept on the host. Positions are
+    handed out before the compiled step (`slots`), from shapes the host
+    already knows, so no step waits for the device. When the next batch
+    would not fit, and at epoch end, `flush` reads the ring in one transfer,
+    gives the valid rows to `sink(keys, scores, steps)` and zeroes it.
+
+    Args:
+        buffer: The index-mode buffer the step accumulates into (its
+            `num_samples` is the ring's capacity).
+        sink: Called with `(keys, scores, steps)` numpy arrays per flush.
+    """
+
+    def __init__(self, buffer: ImportanceBuffer, sink):
+        self.buffer = buffer
+        self.capacity = buffer.num_samples
+        self.sink = sink
+        self.flushes = 0
+        self.rows_flushed = 0
+        self.seconds_flushing = 0.0
+        self.begin_epoch()
+
+    def begin_epoch(self) -> None:
+        """Starts an epoch: positions and step numbers from 0."""
+        self.pos = 0
+        self.step = 0
+        self._keys: list[tf.Tensor] = []
+        self._counts: list[int] = []
+        self._steps: list[int] = []
+
+    def slots(self, keys: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Ring positions for one step's keys (one tensor per replica, in order).
+
+        Args:
+            keys: The step's keys, one [b_r] tensor per local replica.
+
+        Returns:
+            int64 positions, one tensor per replica, on that replica's device.
+        """
+        sizes = [int(k.shape[0]) for k in keys]
+        n = sum(sizes)
+        if n > self.capacity:
+            raise ValueError(
+                f"keras_sie: a batch of {n} rows does not fit stream_capacity={self.capacity}. "
+                "Pass a stream_capacity of at least a few batches (the default holds 2^20 rows)."
+            )
+        if self.pos + n > self.capacity:
+            self.flush()
+        out, start = [], self.pos
+        for k, size in zip(keys, sizes):
+            with tf.device(k.device):
+                out.append(tf.range(start, start + size, dtype=tf.int64))
+            start += size
+        if n:
+            self._keys.extend(tf.reshape(k, [-1]) for k in keys)
+            self._counts.append(n)
+            self._steps.append(self.step)
+        self.pos += n
+        self.step += 1
+        return out
+
+    def flush(self) -> None:
+        """Reads the filled part of the ring once, hands its valid rows to the sink, zeroes it."""
+        if self.pos == 0:
+            return
+        started = time.perf_counter()
+        rows = _read(self.buffer.sums_visits)[: self.pos]
+        keys = tf.concat(self._keys, axis=0).numpy()
+        if keys.dtype == object:
+            keys = np.array([s.decode("utf-8", "replace") for s in keys], dtype=str)
+        else:
+            keys = keys.astype(np.int64)
+        steps = np.repeat(np.asarray(self._steps, np.int64), self._counts)
+        self.buffer.sums_visits.assign(tf.zeros_like(self.buffer.sums_visits))
+        valid = rows[:, 1] > 0.5  # NaN/Inf rows and skipped steps carry no visit
+        self._keys, self._counts, self._steps = [], [], []
+        self.pos = 0
+        self.flushes += 1
+        self.rows_flushed += int(valid.sum())
+        self.seconds_flushing += time.perf_counter() - started
+        self.sink(keys[valid], rows[valid, 0].astype(np.float32), steps[valid])

@@ -33,8 +33,8 @@ from keras_sie import inspection, storage
 from keras_sie import scores as scores_lib
 from keras_sie import signals as signals_lib
 from keras_sie.adapters import Keras2CallbackCompat, adapter_for
-from keras_sie.buffer import ImportanceBuffer
-from keras_sie.reporting import EpochReporter
+from keras_sie.buffer import ImportanceBuffer, StreamRing
+from keras_sie.reporting import EpochReporter, StreamReporter
 from keras_sie.score_record import EpochScores, ScoreRecord
 
 _KEY_MAPPINGS = ("auto", "index", "hash")
@@ -45,7 +45,9 @@ _SUPPORTED_STRATEGIES = (
     tf.distribute.MultiWorkerMirroredStrategy,
 )
 # Per-fit objects: never copied or pickled (a copy gets fresh ones).
-_TRANSIENT = ("_model", "_hook", "_buffer", "_reporter", "_plan", "_adapter")
+_TRANSIENT = ("_model", "_hook", "_buffer", "_reporter", "_plan", "_adapter", "_stream",
+              "_ring")
+DEFAULT_STREAM_CAPACITY = 1 << 20  # ring rows: 8 MB of device buffer + the keys held
 
 
 def _check_strategy(adapter) -> None:
@@ -164,6 +166,21 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             one-hot softmax, or one sigmoid); others are refused before
             training. Each adds 4-8 bytes per sample of device memory
             (docs/usage.md). Defaults to `()`.
+        stream: Streaming mode for single-pass or very large runs: each
+            visit's raw score goes to a device ring of `stream_capacity` rows,
+            written as Parquet shards under
+            `<log_dir>/keras_sie/stream/epoch=E/` whenever the ring fills and
+            at epoch end (needs `log_dir` and pyarrow; docs/streaming.md).
+            Device memory is the ring's, whatever the number of samples;
+            `num_samples` is then only the id range to check (index ids) and
+            is not needed for hash keys. Scores are read back with
+            `keras_sie.load(log_dir)` (or DuckDB / Spark at any size); the
+            live properties (`importance`, `top_k`, ...) read the same files.
+            Not with `signals=`, `per_task=True`, ranked lists or tf_keras.
+            Defaults to False.
+        stream_capacity: Rows of the ring, one per visit: 8 bytes each in
+            the device buffer, plus the batches' key tensors, held (not
+            copied) until the flush. Defaults to 2^20.
 
     Example:
 
@@ -194,9 +211,27 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         verbose: int = 1,
         data_map: bool | str = "auto",
         signals: Sequence[str] = (),
+        stream: bool = False,
+        stream_capacity: int | None = None,
     ):
         super().__init__()
         signals = signals_lib.check_requested(signals, None, 1)
+        if stream_capacity is not None and (
+            not isinstance(stream_capacity, (int, np.integer)) or stream_capacity <= 0
+        ):
+            raise ValueError(f"stream_capacity must be a positive int, got {stream_capacity!r}.")
+        if stream_capacity is not None and not stream:
+            raise ValueError("stream_capacity is the ring size of stream=True; pass stream=True "
+                             "or leave stream_capacity out.")
+        if stream:
+            if log_dir is None:
+                raise ValueError("stream=True writes Parquet shards under log_dir; pass a log_dir.")
+            if signals:
+                raise ValueError("stream=True records the input-gradient score only; remove "
+                                 "signals= or use stream=False.")
+            if per_task:
+                raise ValueError("stream=True records the total-loss score only; remove "
+                                 "per_task=True or use stream=False.")
         if key_mapping not in _KEY_MAPPINGS:
             raise ValueError(f"key_mapping must be one of {_KEY_MAPPINGS}, got {key_mapping!r}.")
         if on_invalid_id not in _ON_INVALID:
@@ -237,6 +272,9 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self.verbose = verbose
         self.data_map = data_map
         self.signals = signals
+        self.stream = bool(stream)
+        self.stream_capacity = (int(stream_capacity) if stream_capacity is not None
+                                else DEFAULT_STREAM_CAPACITY) if stream else 0
         self._record: ScoreRecord | None = None
         self._warned_coupled = False
         self._reset_transient()
@@ -254,6 +292,22 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self._first_epoch_of_fit = True
         self._is_chief = True
         self._epoch_started: float | None = None
+        self._stream: StreamReporter | None = None  # streaming mode: shards and TensorBoard
+        self._ring: StreamRing | None = None
+
+    # Streaming runs keep their scores on disk: the record is read from there
+    # when asked for after an epoch wrote new shards.
+    @property
+    def _record(self) -> ScoreRecord | None:
+        if self.__dict__.get("_stream_unread"):
+            self.__dict__["_stream_unread"] = False
+            self.__dict__["_record_value"] = storage.load(self.log_dir)
+        return self.__dict__.get("_record_value")
+
+    @_record.setter
+    def _record(self, value: ScoreRecord | None) -> None:
+        self.__dict__["_stream_unread"] = False
+        self.__dict__["_record_value"] = value
 
     # ---------------------------------------------------- copy and pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -418,6 +472,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         self._buffer = None
         self._in_fit = False
         with contextlib.suppress(Exception):  # the error being raised matters more
+            if self._stream is not None:
+                self._stream.close()
             self._reporter.close()
 
     def set_model(self, model: keras.Model) -> None:
@@ -445,6 +501,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 id_key=self.id_key, num_samples=self.num_samples, key_mapping=self.key_mapping,
                 on_invalid_id=self.on_invalid_id, features=inspection.listed(self.features),
                 per_task=self.per_task, signals=self.signals,
+                stream_capacity=self.stream_capacity,
             )
             plan = inspection.inspect_fit(config, adapter, fit_locals)
             adapter.check_key_mapping(plan)
@@ -456,12 +513,30 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 )
             self._plan = plan
             self._buffer = self._make_buffer(adapter, plan)
+            if self.stream:
+                self._start_stream(plan)
             if not self._warned_coupled:
                 self._check_coupling(adapter, plan)
-            self._hook = adapter.step_hook(self._buffer, plan.step, owner=self)
+            self._hook = adapter.step_hook(self._buffer, plan.step, owner=self, stream=self._ring)
             self._hook.install()
 
+    def _start_stream(self, plan: inspection.FitPlan) -> None:
+        """Streaming mode: the shard writer (fails here without pyarrow) and the ring."""
+        manifest = {
+            "key_mapping": plan.mapping, "num_samples": plan.num_samples or None,
+            "key_dtype": "string" if plan.key_dtype == tf.string else "int64",
+            "id_key": self.id_key, "stream_capacity": self.stream_capacity,
+            "feature_names": list(plan.feature_names),
+        }
+        self._reporter.prepare()
+        self._stream = StreamReporter(self._reporter, manifest, plan.num_samples,
+                                      top_k=self.top_k_rows)
+        self._ring = StreamRing(self._buffer, self._stream.rows)
+
     def _make_buffer(self, adapter, plan: inspection.FitPlan) -> ImportanceBuffer:
+        if self.stream:  # the ring: one row per visit, positions as ids
+            with adapter.strategy.scope():
+                return ImportanceBuffer(self.stream_capacity, "index")
         with adapter.strategy.scope():
             buffer = ImportanceBuffer(
                 plan.num_samples, plan.mapping, plan.key_dtype, num_tasks=len(plan.task_names),
@@ -510,6 +585,11 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             return
         with self._restoring_on_error():
             self._epoch_started = time.perf_counter()
+            if self.stream:
+                self._ring.begin_epoch()
+                self._stream.begin_epoch(epoch, epoch)
+                self._buffer.reset()
+                return
             if self._first_epoch_of_fit:
                 self._first_epoch_of_fit = False
                 self._start_or_resume(epoch)
@@ -517,6 +597,9 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         if not self._in_fit:
+            return
+        if self.stream:
+            self._end_stream_epoch(epoch, logs)
             return
         with self._restoring_on_error():
             snap = self._buffer.read()
@@ -543,12 +626,50 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 })
                 self._report_lists(number)
 
+    def _end_stream_epoch(self, epoch: int, logs) -> None:
+        """Streaming mode: last flush, checks, the epoch's summary file and tags."""
+        stream = self._stream
+        with self._restoring_on_error():
+            self._ring.flush()
+            snap = self._buffer.read()
+            trained = logs is None or any(not str(k).startswith("sie_") for k in logs)
+            self._check_epoch(snap, trained)
+            if stream.invalid_rows and self.on_invalid_id == "raise":
+                raise ValueError(
+                    f"SampleImportance: {stream.invalid_rows} training rows had a sample id "
+                    f"outside 0..{self._plan.num_samples - 1} (e.g. id "
+                    f"{stream.invalid_example}); they were not written. Fix the ids, pass a "
+                    "larger num_samples, use key_mapping='hash' for arbitrary keys, or "
+                    "on_invalid_id='skip' to leave such rows out."
+                )
+        names = inspection.feature_names_for(self._plan, snap.num_groups)
+        sums = snap.feature_sums[: len(names)]
+        total = float(sums.sum())
+        faults = {"nonfinite_rows": snap.nonfinite_rows, "invalid_id_rows": stream.invalid_rows,
+                  "skipped_steps": snap.skipped_steps}
+        stream.end_epoch(
+            {"feature_names": list(names), "feature_sums": sums.tolist(), "steps": snap.steps,
+             "keras_epoch": int(epoch)},
+            faults,
+            {n: float(s) / total if total > 0 else 0.0 for n, s in zip(names, sums)},
+            self._ring.seconds_flushing,
+        )
+        self.__dict__["_stream_unread"] = True
+        if snap.nonfinite_rows:
+            warnings.warn(
+                f"keras_sie: {snap.nonfinite_rows} training rows had a NaN/Inf input gradient "
+                f"in epoch {epoch}; they were not written (other rows are unaffected).",
+                RuntimeWarning, stacklevel=3,
+            )
+
     def on_train_end(self, logs=None) -> None:
         if not self._in_fit:
             return
         self._hook.uninstall()
         self._hook = None
         self._in_fit = False
+        if self._stream is not None:
+            self._stream.close()
         self._reporter.close()
         if self.verbose and self.log_dir and self._record and self._is_chief:
             print(

@@ -38,6 +38,7 @@ class FitConfig:
     features: tuple[str, ...] | None
     per_task: bool | None
     signals: tuple[str, ...] = ()
+    stream_capacity: int = 0  # streaming mode: ring rows (0: not streaming)
 
 
 @dataclasses.dataclass
@@ -203,6 +204,8 @@ def _mapping_and_size(config: FitConfig, fit_locals, x_struct, ids, checkable: b
                 f"must be 0..{num_samples - 1}). Pass num_samples>={implied}, or "
                 "on_invalid_id='skip' to leave such rows out."
             )
+    elif num_samples is None and config.stream_capacity:
+        num_samples = 0  # streaming: rows go to the ring; the id range is unknown
     elif num_samples is None:
         what = "a tf.data pipeline" if checkable else "generator / PyDataset inputs"
         raise ValueError(
@@ -419,13 +422,19 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
         config, fit_locals, x_struct, ids, checkable
     )
     list_size, num_queries = _list_plan(config, x_struct, mapping, num_samples)
+    if list_size and config.stream_capacity:
+        raise NotImplementedError(
+            "stream=True does not support ranked-list ids (list_axis) yet; use stream=False."
+        )
     x_spec = _spec_of_arrays(ids_lib.split_ids(x_struct, config.id_key)[0])
     reduction = _reduction(adapter)
     if adapter.train_step_is_default():
         names, watched, leaf_groups, layer_groups = _feature_plan(config, adapter, x_spec)
     else:  # the user's train_step calls keras_sie.record with its own gradients
         names, watched, leaf_groups, layer_groups = adapter.input_names(x_spec), (), (), ()
-    tasks = [] if list_size else _task_names(config, adapter, fit_locals)
+    # Streaming records the total-loss score only (per-task scores stay off).
+    tasks = [] if list_size or config.stream_capacity else _task_names(config, adapter,
+                                                                        fit_locals)
     signals = _signals(config, adapter, fit_locals)
     step = StepPlan(
         id_key=config.id_key,
@@ -441,6 +450,7 @@ def inspect_fit(config: FitConfig, adapter, fit_locals: dict[str, Any]) -> FitPl
         output_kind=adapter.output_kind() if signals else None,
         list_size=list_size,
         num_queries=num_queries,
+        stream_capacity=config.stream_capacity,
     )
     return FitPlan(mapping, key_dtype, num_samples, names, tasks, step, batch,
                    list_size=list_size, num_queries=num_queries)

@@ -246,3 +246,132 @@ class EpochReporter:
         if self._writer is not None:
             self._writer.close()  # flushes; a later fit reopens lazily
             self._writer = None
+
+
+class StreamReporter:
+    """Streaming mode's reporting: Parquet shards per ring flush, TensorBoard per epoch.
+
+    The ring (`keras_sie.buffer.StreamRing`) calls `rows` with each flush;
+    rows go to a `keras_sie.streaming.ShardWriter` (written off the training
+    thread). At epoch end, `end_epoch` writes the epoch's summary file and
+    TensorBoard tags: `stream/*` counters, a histogram of a bounded sample of
+    per-visit scores (relative to the epoch's mean visit), the top visits,
+    fault counts and feature shares. Faults go through the `EpochReporter`'s
+    fail-open policy (warn once and stop writing; `strict=True` raises).
+
+    Args:
+        reporter: The run's `EpochReporter` (fail-open policy, log folder).
+        manifest: The stream manifest (`ShardWriter`).
+        num_samples: Index ids: rows with an id outside `0..num_samples-1`
+            are left out and counted (0: unknown range, only negative ids
+            are left out). Ignored for hash keys.
+        top_k: Rows of the top-visits table.
+    """
+
+    SAMPLE_ROWS = 1 << 18  # per-visit scores kept for the epoch's histogram
+
+    def __init__(self, reporter: EpochReporter, manifest: dict[str, Any], num_samples: int,
+                 top_k: int = 20):
+        from keras_sie.streaming import ShardWriter
+
+        self.reporter = reporter
+        self.writer = ShardWriter(reporter.log_dir, manifest)
+        self.index_ids = manifest.get("key_mapping") == "index"
+        self.num_samples = int(num_samples or 0)
+        self.top_k = top_k
+        self._epoch = 0
+        self._number = 0
+        self._rng = np.random.default_rng(0)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.invalid_rows = 0
+        self.invalid_example: int | None = None
+        self._sample = np.zeros(0, np.float32)
+        self._top_keys = np.zeros(0, dtype=object)
+        self._top_scores = np.zeros(0, np.float32)
+        self._seconds = 0.0
+
+    def begin_epoch(self, epoch: int, number: int) -> None:
+        """Starts epoch `epoch` (record `number`): reads what a killed job left of it."""
+        self._epoch, self._number = int(epoch), int(number)
+        self._clear()
+        if self.reporter.disabled:
+            return
+        with self.reporter.fail_open(number):
+            self.writer.begin_epoch(epoch)
+            state = self.writer._epochs.get(int(epoch))
+            if state is not None and state.parts:
+                warnings.warn(
+                    f"keras_sie: appending to the stream run in {self.reporter.log_dir}: epoch "
+                    f"{epoch} already has {state.parts} finished shard(s) through step "
+                    f"{state.covered_through}; rows of those steps are not written again. Use "
+                    "a new log_dir for a new run.",
+                    stacklevel=4,
+                )
+
+    def rows(self, keys: np.ndarray, scores: np.ndarray, steps: np.ndarray) -> None:
+        """One ring flush: checks index ids, queues a shard, keeps the epoch's sample."""
+        if self.index_ids:
+            bad = keys < 0
+            if self.num_samples:
+                bad |= keys >= self.num_samples
+            if bad.any():
+                self.invalid_rows += int(bad.sum())
+                self.invalid_example = int(keys[bad][np.argmax(np.abs(keys[bad]))])
+                keep = ~bad
+                keys, scores, steps = keys[keep], scores[keep], steps[keep]
+        self._keep_sample(keys, scores)
+        if self.reporter.disabled or not keys.size:
+            return
+        started = time.perf_counter()
+        with self.reporter.fail_open(self._number):
+            self.writer.write(self._epoch, keys, scores, steps)
+        self._seconds += time.perf_counter() - started
+
+    def _keep_sample(self, keys: np.ndarray, scores: np.ndarray) -> None:
+        if not scores.size:
+            return
+        sample = np.concatenate([self._sample, scores])
+        if sample.size > self.SAMPLE_ROWS:
+            sample = self._rng.choice(sample, self.SAMPLE_ROWS, replace=False)
+        self._sample = sample
+        k = min(self.top_k, scores.size)
+        if k:
+            best = np.argpartition(-scores, k - 1)[:k]
+            all_keys = np.concatenate([self._top_keys, keys[best].astype(object)])
+            all_scores = np.concatenate([self._top_scores, scores[best]])
+            order = np.argsort(-all_scores, kind="stable")[: self.top_k]
+            self._top_keys, self._top_scores = all_keys[order], all_scores[order]
+
+    def end_epoch(self, summary: dict[str, Any], faults: dict[str, int],
+                  feature_shares: dict[str, float], flush_seconds: float) -> dict[str, Any]:
+        """Writes the epoch's summary file and TensorBoard tags (call after the last flush)."""
+        if self.reporter.disabled:
+            return {}
+        out: dict[str, Any] = {}
+        with self.reporter.fail_open(self._number):
+            out = self.writer.end_epoch(self._epoch, dict(summary, **faults))
+            rows, total = int(out["rows"]), float(out["score_sum"])
+            relative = (self._sample.astype(np.float64) * rows / total
+                        if total > 0 else np.zeros(0))
+            shares = [float(s) / total if total > 0 else 0.0 for s in self._top_scores]
+            top = [(k, share, 1, share * rows)
+                   for k, share in zip(self._top_keys.tolist(), shares)]
+            scalars = {
+                "stream/rows": rows,
+                "stream/shards": int(out["parts"]),
+                "stream/score_sum": total,
+                "stream/skipped_rows": int(out.get("skipped_rows", 0)),
+                "stream/flush_seconds": flush_seconds,
+                "stream/write_wait_seconds": self._seconds,
+            }
+            if self.reporter._writer is None:
+                self.reporter._writer = SummaryWriter(self.reporter.log_dir, storage.RUN_SUBDIR)
+            self.reporter._writer.write_stream_epoch(
+                self._number, relative, scalars, faults, feature_shares, top)
+        return out
+
+    def close(self) -> None:
+        with self.reporter.fail_open(self._number):
+            self.writer.close()

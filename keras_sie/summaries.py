@@ -162,6 +162,39 @@ class SummaryWriter:
                 tf.summary.image(name, image[None] if image.ndim == 3 else image, step=step)
         self.writer.flush()
 
+    def write_stream_epoch(self, step: int, relative: np.ndarray, scalars: dict[str, float],
+                           faults: dict[str, float], feature_shares: dict[str, float],
+                           top_rows: list[tuple]) -> None:
+        """A streaming epoch: one event with its counters, sample histogram and top visits.
+
+        Args:
+            step: The record number (the Keras epoch).
+            relative: A sample of per-visit scores divided by the epoch's mean
+                visit score (`stream/visit_score_distribution`).
+            scalars: `stream/*` counters.
+            faults: Fault counts (`faults/<name>`).
+            feature_shares: Feature group shares (`features/<name>`).
+            top_rows: `(key, share of the epoch's total, 1, share x rows)` of
+                the top visits.
+        """
+        values = []
+        if relative.size:
+            values.append(_value("stream/visit_score_distribution",
+                                 histogram_buckets(relative.astype(np.float32), 60),
+                                 _HISTOGRAM_METADATA))
+        tags = dict(scalars)
+        tags.update({f"faults/{k}": v for k, v in faults.items()})
+        tags.update({f"features/{k}": v for k, v in feature_shares.items()})
+        values += [_value(tag, np.float32(v), _SCALAR_METADATA) for tag, v in tags.items()]
+        if top_rows:
+            values.append(_value("stream/top_visits", np.array(
+                top_k_markdown(top_rows, title="visit key"), dtype=object),
+                _TEXT_METADATA))
+        with tf.device("/cpu:0"), self.writer.as_default(step=step):
+            tf.summary.experimental.write_raw_pb(
+                summary_pb2.Summary(value=values).SerializeToString(), step=step)
+        self.writer.flush()
+
     def write_tasks(self, step: int, task_scores: dict[str, np.ndarray], visits: np.ndarray) -> None:
         """Per-output scores of a multi-output model: `tasks/<output>/...` tags."""
         visited = visits > 0

@@ -251,6 +251,8 @@ class StepPlan:
             one id per row.
         num_queries: Ranked lists: slots of the per-query buffer (0: no
             query ids, no per-query record).
+        stream_capacity: Streaming mode: rows of the device ring (0: not
+            streaming; the step then sees ring positions as ids).
     """
 
     id_key: str
@@ -266,6 +268,7 @@ class StepPlan:
     output_kind: OutputKind | None = None
     list_size: int = 0
     num_queries: int = 0
+    stream_capacity: int = 0
 
 
 def own_loss_scale(ids, loss_scale, reduction: str, sample_weight=None) -> tf.Tensor:
@@ -304,14 +307,17 @@ class StepHook:
         buffer: The `ImportanceBuffer` the step accumulates into.
         plan: What to score (`StepPlan`).
         owner: The callback that owns this step.
+        stream: Streaming mode's `StreamRing` (None: not streaming).
     """
 
-    def __init__(self, adapter: Keras3Adapter, buffer, plan: StepPlan, owner: Any):
+    def __init__(self, adapter: Keras3Adapter, buffer, plan: StepPlan, owner: Any,
+                 stream=None):
         self.adapter = adapter
         self.model = adapter.model
         self.buffer = buffer
         self.plan = plan
         self.owner = owner
+        self.stream = stream
         self.fused = adapter.train_step_is_default()
         self.installed = False
 
@@ -353,8 +359,9 @@ class StepHook:
 
     @property
     def maps_keys(self) -> bool:
-        """Whether ids are mapped to slots before the compiled step (hash keys)."""
-        return self.plan.mapping == "hash"
+        """Whether ids are replaced by slots before the compiled step (hash
+        keys, or ring positions in streaming mode)."""
+        return self.plan.mapping == "hash" or self.stream is not None
 
     def _keyed_train_function(self):
         """Keras's train function with one stage in front: keys -> slots.
@@ -387,28 +394,52 @@ class StepHook:
             one_step_on_data = tf.function(one_step_on_data, reduce_retracing=True,
                                            jit_compile=bool(model.jit_compile))
             map_keys = tf.function(map_keys, reduce_retracing=True)
+        if self.stream is not None:
+            map_keys = self._ring_slots  # host bookkeeping, no device wait
 
         def function(iterator):
             outputs = None
-            for _ in range(max(1, int(model.steps_per_execution))):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    break
-                outputs = one_step_on_data(map_keys(data))
+            try:
+                for _ in range(max(1, int(model.steps_per_execution))):
+                    try:
+                        data = next(iterator)
+                    except (StopIteration, tf.errors.OutOfRangeError):
+                        break
+                    outputs = one_step_on_data(map_keys(data))
+            except BaseException:
+                self.uninstall()  # leave the model as we found it
+                raise
             if outputs is None:
                 raise StopIteration
             return outputs
 
         return function
 
+    def _keys_of(self, data):
+        x = data[0] if isinstance(data, tuple) else data
+        if not isinstance(x, dict) or self.plan.id_key not in x:
+            self.check_ids(None)
+        return x[self.plan.id_key]
+
+    def _with_slots(self, data, keys, slot_parts: list):
+        """`data` with its keys replaced by per-replica slot tensors."""
+        if len(slot_parts) == 1 and not isinstance(keys, tf.distribute.DistributedValues):
+            slots = slot_parts[0]
+        else:
+            slots = type(keys)(tuple(slot_parts))
+        x = dict(data[0] if isinstance(data, tuple) else data)
+        x[self.plan.id_key] = slots
+        return (x,) + tuple(data[1:]) if isinstance(data, tuple) else x
+
+    def _ring_slots(self, data):
+        """Streaming mode: each row gets the next ring position (see `StreamRing`)."""
+        keys = self._keys_of(data)
+        parts = self.model.distribute_strategy.experimental_local_results(keys)
+        return self._with_slots(data, keys, self.stream.slots(list(parts)))
+
     def _map_keys(self, data):
         """Replaces the batch's keys by their buffer slots (cross-replica context)."""
-        x = data[0] if isinstance(data, tuple) else data
-        key = self.plan.id_key
-        if not isinstance(x, dict) or key not in x:
-            self.check_ids(None)
-        keys = x[key]
+        keys = self._keys_of(data)
         strategy = self.model.distribute_strategy
         parts = strategy.experimental_local_results(keys)
         if _is_multi_worker(strategy):
@@ -421,11 +452,7 @@ class StepHook:
         for part, piece in zip(parts, pieces):
             with tf.device(part.device):
                 new_parts.append(tf.reshape(tf.identity(piece), tf.shape(part)))
-        slots = new_parts[0] if len(parts) == 1 and not isinstance(
-            keys, tf.distribute.DistributedValues) else type(keys)(tuple(new_parts))
-        x = dict(x)
-        x[key] = slots
-        return (x,) + tuple(data[1:]) if isinstance(data, tuple) else x
+        return self._with_slots(data, keys, new_parts)
 
     def _owner_in_running_fit(self) -> bool:
         fit_locals = fit_locals_of(self.model)
@@ -857,6 +884,12 @@ class Keras3Adapter:
         `MultiWorkerMirroredStrategy` the workers share keys through an
         all-gather, which collectives support for integers only.
         """
+        if plan.step.stream_capacity and _is_multi_worker(self.strategy):
+            raise NotImplementedError(
+                "stream=True is not supported under MultiWorkerMirroredStrategy yet (each "
+                "worker would need its own shards). Use stream=False, or one worker with "
+                "MirroredStrategy."
+            )
         if (plan.mapping == "hash" and plan.key_dtype == tf.string
                 and _is_multi_worker(self.strategy)):
             raise NotImplementedError(
@@ -867,9 +900,9 @@ class Keras3Adapter:
                 "key_mapping='hash'."
             )
 
-    def step_hook(self, buffer, plan: StepPlan, owner: Any) -> StepHook:
+    def step_hook(self, buffer, plan: StepPlan, owner: Any, stream=None) -> StepHook:
         """The fused step of this Keras generation for this model (not yet installed)."""
-        return StepHook(self, buffer, plan, owner)
+        return StepHook(self, buffer, plan, owner, stream=stream)
 
     # ------------------------------------------------------------- fit frame
     def fit_locals(self) -> dict[str, Any] | None:

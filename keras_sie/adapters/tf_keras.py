@@ -471,6 +471,11 @@ class TfKerasAdapter(Keras3Adapter):
 
     def check_key_mapping(self, plan) -> None:
         """tf_keras maps hash keys inside the step: one replica, no XLA."""
+        if plan.step.stream_capacity:
+            raise NotImplementedError(
+                "stream=True is not supported for tf_keras models yet; use stream=False "
+                "(the default), or Keras 3."
+            )
         if plan.mapping != "hash":
             return
         if self.strategy.num_replicas_in_sync > 1:
@@ -536,8 +541,8 @@ class TfKerasAdapter(Keras3Adapter):
         """Whether keras_sie fuses its own step (tf_keras's or TFRS's train_step)."""
         return self.step_kind() in ("keras2", "tfrs")
 
-    def step_hook(self, buffer, plan: StepPlan, owner: Any) -> TfKerasStepHook:
-        """The fused step for this model (not yet installed)."""
+    def step_hook(self, buffer, plan: StepPlan, owner: Any, stream=None) -> TfKerasStepHook:
+        """The fused step for this model (not yet installed; streaming is refused earlier)."""
         return TfKerasStepHook(self, buffer, plan, owner)
 
     def output_kind(self):
