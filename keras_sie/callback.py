@@ -586,8 +586,14 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         with self._restoring_on_error():
             self._epoch_started = time.perf_counter()
             if self.stream:
+                if self._first_epoch_of_fit:
+                    # Record numbers go on across fits of this callback (a
+                    # second fit from epoch 0 must not land on the first's).
+                    self._first_epoch_of_fit = False
+                    done = self.__dict__.setdefault("_stream_numbers", [])
+                    self._stream_offset = max(done) + 1 - epoch if done else 0
                 self._ring.begin_epoch()
-                self._stream.begin_epoch(epoch, epoch)
+                self._stream.begin_epoch(epoch + self._stream_offset, epoch + self._stream_offset)
                 self._buffer.reset()
                 return
             if self._first_epoch_of_fit:
@@ -655,6 +661,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
             self._ring.seconds_flushing,
         )
         self.__dict__["_stream_unread"] = True
+        self._stream_numbers.append(epoch + self._stream_offset)
         if snap.nonfinite_rows:
             warnings.warn(
                 f"keras_sie: {snap.nonfinite_rows} training rows had a NaN/Inf input gradient "

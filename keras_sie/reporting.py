@@ -291,6 +291,7 @@ class StreamReporter:
         self._top_keys = np.zeros(0, dtype=object)
         self._top_scores = np.zeros(0, np.float32)
         self._seconds = 0.0
+        self._found: tuple[int, int] | None = None
 
     def begin_epoch(self, epoch: int, number: int) -> None:
         """Starts epoch `epoch` (record `number`): reads what a killed job left of it."""
@@ -301,14 +302,7 @@ class StreamReporter:
         with self.reporter.fail_open(number):
             self.writer.begin_epoch(epoch)
             state = self.writer._epochs.get(int(epoch))
-            if state is not None and state.parts:
-                warnings.warn(
-                    f"keras_sie: appending to the stream run in {self.reporter.log_dir}: epoch "
-                    f"{epoch} already has {state.parts} finished shard(s) through step "
-                    f"{state.covered_through}; rows of those steps are not written again. Use "
-                    "a new log_dir for a new run.",
-                    stacklevel=4,
-                )
+            self._found = (state.parts, state.covered_through) if state and state.parts else None
 
     def rows(self, keys: np.ndarray, scores: np.ndarray, steps: np.ndarray) -> None:
         """One ring flush: checks index ids, queues a shard, keeps the epoch's sample."""
@@ -327,7 +321,28 @@ class StreamReporter:
         started = time.perf_counter()
         with self.reporter.fail_open(self._number):
             self.writer.write(self._epoch, keys, scores, steps)
+            self._say_what_was_found()
         self._seconds += time.perf_counter() - started
+
+    def _say_what_was_found(self) -> None:
+        """After the first write over shards already there: resumed, or replaced."""
+        found, self._found = self._found, None
+        replaced, self.writer.replaced_from = self.writer.replaced_from, None
+        where = self.reporter.log_dir
+        if replaced is not None:
+            warnings.warn(
+                f"keras_sie: {where} held another streaming run (epoch {self._epoch} there does "
+                "not match this run's first rows); its epochs from "
+                f"{replaced} on were deleted and are written anew. Use a new log_dir per run.",
+                stacklevel=5,
+            )
+        elif found is not None:
+            warnings.warn(
+                f"keras_sie: resuming the streaming run in {where}: epoch {self._epoch} has "
+                f"{found[0]} finished shard(s) through step {found[1]} with the same rows; "
+                "those steps are not written again.",
+                stacklevel=5,
+            )
 
     def _keep_sample(self, keys: np.ndarray, scores: np.ndarray) -> None:
         if not scores.size:

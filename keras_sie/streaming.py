@@ -18,9 +18,11 @@ Parquet shards under `<log_dir>/keras_sie/stream/`:
 
 Every file is written to a temporary name, fsynced and renamed, so a file that
 exists is complete. A job that is killed and replays epoch E from step 0
-writes no row whose step a finished shard of E already holds (the steps of
-finished shards are read back before the first write); what it loses is at
-most the rows that had not been flushed yet.
+writes no row whose step a finished shard of E already holds: its first write
+is compared with those shards (`ShardWriter._is_replay`) and, when it matches,
+the steps they hold are skipped; when it does not (another run in the same
+folder), epochs E and later are deleted and written anew. What a kill loses is
+at most the rows that had not been written yet.
 
 pyarrow is imported only when a shard is written or read:
 `pip install "keras_sie[parquet]"`.
@@ -134,6 +136,7 @@ class _EpochState:
     score_sum: float = 0.0
     parts: int = 0
     skipped_rows: int = 0
+    checked: bool = False  # the replay was compared with the shards already there
 
 
 def _part_totals(path: str) -> tuple[int, int, int, float]:
@@ -172,7 +175,10 @@ class ShardWriter:
     `epoch=E/` (and deletes its temporary files); rows whose step is at or
     before the last step they hold are dropped and counted (`skipped_rows`),
     so replaying the epoch from step 0 never writes a row twice, and part
-    numbers continue. A step should not span two shards: the rest of a split
+    numbers continue. The first write of such an epoch is first compared
+    with those shards; rows that do not replay them (another run in the same
+    folder) make the writer delete epochs E and later (`discard_from`) and
+    write everything. A step should not span two shards: the rest of a split
     step would be dropped on replay.
 
     Args:
@@ -229,6 +235,7 @@ class ShardWriter:
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras_sie-stream"))
         self._pending: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        self.replaced_from: int | None = None  # set when another run's epochs were deleted
         self._rows_written = 0
         self._bytes_written = 0
         self._seconds_writing = 0.0
@@ -321,6 +328,12 @@ class ShardWriter:
         if epoch not in self._epochs:
             self.begin_epoch(epoch)
         state = self._epochs[epoch]
+        if state.covered_through >= 0 and not state.checked:
+            state.checked = True
+            if not self._is_replay(epoch, state, keys, scores, steps):
+                self.discard_from(epoch)
+                state = self._epochs[epoch]
+                state.checked = True
         keep = steps > state.covered_through
         if not keep.all():
             state.skipped_rows += int(keep.size - keep.sum())
@@ -331,6 +344,47 @@ class ShardWriter:
         state.next_part += 1
         self._pending = self._executor.submit(
             self._write_part, state, epoch, path, keys, scores, steps)
+
+    def _is_replay(self, epoch: int, state: _EpochState, keys: np.ndarray, scores: np.ndarray,
+                   steps: np.ndarray) -> bool:
+        """Whether these rows replay the finished shards of `epoch` (same job, restarted).
+
+        Compares the rows of the first write whose steps the shards already
+        hold: the same keys in the same order and the same scores (to 1e-3 of
+        the largest; a restart from the same weights recomputes them). Another
+        run into the same folder (another model, data order or learning
+        rate) differs within the first flush.
+        """
+        last = min(int(steps.max()), state.covered_through)
+        mine = steps <= last
+        old_keys, old_scores, _ = read_steps(self.log_dir, epoch, int(steps.min()), last)
+        new_keys, new_scores = keys[mine], scores[mine].astype(np.float64)
+        if old_keys.shape != new_keys.shape:
+            return False
+        if self._key_dtype == "string":
+            new_keys = np.array([k.decode() if isinstance(k, bytes) else str(k)
+                                 for k in new_keys.tolist()], dtype=object)
+            old_keys = old_keys.astype(object)
+        if not np.array_equal(old_keys, new_keys):
+            return False
+        scale = max(float(np.abs(old_scores).max(initial=0.0)), 1e-30)
+        return bool(np.all(np.abs(old_scores - new_scores) <= 1e-3 * scale))
+
+    def discard_from(self, epoch: int) -> None:
+        """Deletes the shards and summaries of epochs `epoch` and later (another run's).
+
+        Records the epoch in `replaced_from` so the caller can say so.
+        """
+        self._collect()
+        for e, directory in sorted(_epoch_dirs(self.log_dir).items()):
+            if e >= epoch:
+                for name in os.listdir(directory):
+                    if _PART_RE.match(name) or name == EPOCH_SUMMARY or name.startswith(
+                            _TMP_PREFIX):
+                        os.unlink(os.path.join(directory, name))
+                self._epochs.pop(e, None)
+        self.replaced_from = int(epoch)
+        self.begin_epoch(epoch)
 
     def _key_column(self, keys: np.ndarray):
         pa, _ = _pyarrow()
@@ -474,6 +528,33 @@ def stream_epochs(log_dir: str, *, complete: bool = True) -> list[int]:
     dirs = _epoch_dirs(_resolve(log_dir))
     return sorted(e for e, d in dirs.items()
                   if not complete or os.path.exists(os.path.join(d, EPOCH_SUMMARY)))
+
+
+def read_steps(log_dir: str | os.PathLike, epoch: int, first: int, last: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of steps `first..last` of one epoch, in the order they were written.
+
+    Reads only the shards whose step range overlaps (from their metadata).
+
+    Returns:
+        `(keys, scores, steps)`: keys as int64 or an object array of str,
+        scores as float64.
+    """
+    _, pq = _pyarrow()
+    keys, scores, steps = [], [], []
+    for _, path in _finished_parts(epoch_dir(_resolve(log_dir), epoch)):
+        lo, hi, _, _ = _part_totals(path)
+        if hi < first or lo > last:
+            continue
+        table = pq.read_table(path)
+        s = table["step"].to_numpy()
+        keep = (s >= first) & (s <= last)
+        keys.append(np.asarray(table["key"].to_numpy(zero_copy_only=False))[keep])
+        scores.append(table["score"].to_numpy().astype(np.float64)[keep])
+        steps.append(s[keep])
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    return np.concatenate(keys), np.concatenate(scores), np.concatenate(steps)
 
 
 def read_stream_epoch(log_dir: str, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -187,7 +187,7 @@ def test_sigkill_mid_epoch_then_restart_loses_nothing_flushed_and_duplicates_not
     # The restarted job replays the epoch from step 0 into the same folder.
     r = _run(script, killed, -1)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "appending to the stream run" in r.stderr
+    assert "resuming the streaming run" in r.stderr
     r = _run(script, clean, -1)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -242,3 +242,37 @@ def test_index_ids_outside_num_samples_are_refused_at_epoch_end_or_skipped(tmp_p
     run = keras_sie.load(str(tmp_path / "b"))
     assert run.visits[5] == 0 and run.visits.sum() == 47
     assert run.epoch(0).faults["invalid_id_rows"] == 1
+
+
+def test_another_run_into_the_same_folder_replaces_it_and_a_second_fit_goes_on(tmp_path):
+    x, y = linear_problem(n=96)
+    first = _mlp(seed=0)
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), stream=True, stream_capacity=32,
+                                     verbose=0)
+    first.fit(keras_sie.with_ids(x), y, batch_size=16, epochs=2, shuffle=False,
+              callbacks=[sie], verbose=0)
+    # A second fit of the same callback, from epoch 0 again: records 2 and 3.
+    first.fit(keras_sie.with_ids(x), y, batch_size=16, epochs=2, shuffle=False,
+              callbacks=[sie], verbose=0)
+    run = keras_sie.load(str(tmp_path))
+    assert run.epochs == [0, 1, 2, 3]
+    assert [run.epoch(e).keras_epoch for e in run.epochs] == [0, 1, 0, 1]
+    assert (run.visits == 1).all()
+    np.testing.assert_array_equal(sie.history[3], run.history[3])
+
+    # Another model (other initial weights) into the same folder: detected at
+    # its first flush, the old run is deleted, the new one written whole.
+    other = _mlp(seed=5)
+    reference = _mlp(seed=5)
+    index = keras_sie.SampleImportance(verbose=0)
+    reference.fit(keras_sie.with_ids(x), y, batch_size=16, epochs=1, shuffle=False,
+                  callbacks=[index], verbose=0)
+    new = keras_sie.SampleImportance(log_dir=str(tmp_path), stream=True, stream_capacity=32,
+                                     verbose=0)
+    with pytest.warns(UserWarning, match="held another streaming run"):
+        other.fit(keras_sie.with_ids(x), y, batch_size=16, epochs=1, shuffle=False,
+                  callbacks=[new], verbose=0)
+    run = keras_sie.load(str(tmp_path))
+    assert run.epochs == [0]
+    assert (run.visits == 1).all()
+    assert_close_to_max(run.importance, index.importance, rel=1e-5)
