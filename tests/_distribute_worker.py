@@ -53,7 +53,7 @@ def by_id(sie, keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional: bool = False,
-          keys: np.ndarray | None = None, jit_compile: bool = False):
+          keys: np.ndarray | None = None, jit_compile: bool = False, stream: bool = False):
     """Trains the reference MLP under `strategy` with a `SampleImportance`.
 
     Weights are set from a fixed numpy draw (not from TF's seeded
@@ -90,7 +90,8 @@ def train(strategy, n: int, epochs: int, log_dir: str | None = None, functional:
     if keys is not None:
         inputs = dict(inputs, sample_id=keys)  # arbitrary keys: key_mapping="auto"/"hash"
     sie = keras_sie.SampleImportance(log_dir=log_dir, verbose=0,
-                                     key_mapping="index" if keys is None else "hash")
+                                     key_mapping="index" if keys is None else "hash",
+                                     stream=stream, stream_capacity=40 if stream else None)
     keras.utils.set_random_seed(0)
     model.fit(inputs, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True,
               callbacks=[sie], verbose=0)
@@ -178,7 +179,25 @@ def mirrored(out: str) -> None:
             results[f"{prefix}_importance_{e}"] = by_id(sie, keys, imp)
         for i, w in enumerate(model.get_weights()):
             results[f"{prefix}_weight_{i}"] = w
+    # Streaming on 2 replicas (a 40-row ring: several flushes per epoch), read back.
+    for kind in ("index", "string"):
+        keys = None if kind == "index" else hash_keys(102, kind)
+        log_dir = os.path.join(os.path.dirname(os.path.abspath(out)), f"stream_{kind}")
+        train(mirrored_strategy, 102, 2, log_dir=log_dir, keys=keys, stream=True)
+        run = keras_sie_load(log_dir)
+        prefix = f"stream_{kind}"
+        order = (lambda a: a) if keys is None else (lambda a, run=run, keys=keys: by_id(
+            run, keys, a))
+        results[f"{prefix}_visits"] = order(run.visits)
+        for e, imp in run.history.items():
+            results[f"{prefix}_importance_{e}"] = order(imp)
     np.savez(out, **results)
+
+
+def keras_sie_load(log_dir: str):
+    import keras_sie
+
+    return keras_sie.load(log_dir)
 
 
 def multiworker(out: str, log_dir: str) -> None:

@@ -147,6 +147,10 @@ def test_mirrored_strategy_gives_the_single_device_scores(tmp_path):
                 assert np.isfinite(ref).all()
                 assert_close_to_max(got, ref, rel=REL)
     assert sum(r[f"single_cls_signal_forgetting_{e}"].sum() for e in range(3)) > 0
+    # Streaming (index ids and string keys), 2 replicas, several ring flushes
+    # per epoch, read back from the Parquet shards: the one-device scores.
+    for kind in ("index", "string"):
+        _assert_same_scores(r, r, f"stream_{kind}", "single_102", epochs=2)
     # Arbitrary keys (key_mapping="hash"), string and int64: the single-device
     # index-mode scores, sample by sample.
     for kind in ("string", "int64"):
