@@ -43,8 +43,10 @@ step time). Also measured:
 
 * the hash stage part by part (`mapping_micro`): `slots_for_keys` in a
   `tf.function` on batches of new keys (inserts) and known keys (lookups),
-  a whole M2 batch through an identity `tf.function` and through the
-  keys->slots swap `StepHook._map_keys` does, eager `next(iterator)` (the
+  a whole M2 batch through an identity `tf.function` and through a
+  keys->slots swap in the same function (the first design of the hash
+  stage; `StepHook` now passes only the key column through its
+  function, `_key_slots`), eager `next(iterator)` (the
   keyed train function) against `get_next` in a `tf.function` (Keras's),
   and the host memory the table takes (RSS growth while N keys go in);
 * device memory per configuration (the callback's buffer variables, read
@@ -459,7 +461,7 @@ def summarize_fits(raw: dict[str, Any], configs: tuple[str, ...]) -> dict[str, A
 
 # --------------------------------------------------------- key->slot table alone
 def _key_swapper(buf: ImportanceBuffer):
-    """`data` -> `data` with its keys replaced by slots (`StepHook._map_keys`, one device)."""
+    """`data` -> `data` with its keys replaced by slots, the whole batch in one function."""
 
     def swap(data):
         x = dict(data[0])
@@ -477,8 +479,8 @@ def mapping_micro(n: int, batch: int, reps: int = 3, full_batches: int = 64) -> 
       the same batch (the call itself);
     * on whole M2 batches (`full_batches` of them, keys already in the
       table): the batch through an identity tf.function, and through one
-      that swaps the keys for slots as `StepHook._map_keys` does on one
-      device (the whole batch goes in and out);
+      that swaps the keys for slots in the same function (the whole batch
+      goes in and out: the hash stage's first design);
     * the iterator: eager `next(iterator)` (the keyed train function, hash
       and stream modes) against `get_next` inside a tf.function (Keras's own
       train function).

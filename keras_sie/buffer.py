@@ -478,15 +478,15 @@ class StreamRing:
         self.buffer = buffer
         self.capacity = buffer.num_samples
         self.sink = sink
-        self.flushes = 0
-        self.rows_flushed = 0
-        self.seconds_flushing = 0.0
         self.begin_epoch()
 
     def begin_epoch(self) -> None:
-        """Starts an epoch: positions and step numbers from 0."""
+        """Starts an epoch: positions, step numbers and the flush counters from 0."""
         self.pos = 0
         self.step = 0
+        self.flushes = 0
+        self.rows_flushed = 0
+        self.seconds_flushing = 0.0
         self._keys: list[tf.Tensor] = []
         self._counts: list[int] = []
         self._steps: list[int] = []

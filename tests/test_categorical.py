@@ -86,6 +86,24 @@ def test_embedding_output_gradient_matches_independent_tape():
         assert share == pytest.approx(ref_features[name] / total, rel=1e-5)
 
 
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_a_fixed_batch_size_pipeline_is_scored_at_the_embeddings(drop_remainder):
+    """drop_remainder=True (or N a multiple of the batch) gives static batch shapes."""
+    x, y = _data()
+    model = _model()
+    ds = tf.data.Dataset.from_tensor_slices((dict(x, sample_id=np.arange(N)), y)).shuffle(
+        N, seed=2).batch(14, drop_remainder=drop_remainder)  # N = 70 = 5 x 14
+    assert ds.element_spec[1].shape[0] == (14 if drop_remainder else None)
+    sie = keras_sie.SampleImportance(num_samples=N, verbose=0)
+    model.fit(ds, callbacks=[sie], verbose=0)
+    ref, ref_features = _oracle(model, x, y)
+    assert (sie.visits == 1).all()
+    assert_close_to_max(sie.importance, ref / ref.sum(), rel=2e-5)
+    total = sum(ref_features.values())
+    for name, share in sie.feature_importance.items():
+        assert share == pytest.approx(ref_features[name] / total, rel=1e-5)
+
+
 def test_padding_positions_contribute_nothing():
     x, y = _data()
     model = _model()

@@ -53,6 +53,7 @@ from keras_sie.adapters.keras3 import (
     _callbacks_of,
     model_output_names,
     row_abs_sum,
+    unbatched_specs,
 )
 
 SUPPORTED = "tf-keras 2.21 (TF_USE_LEGACY_KERAS=1), tensorflow-recommenders 0.7.7"
@@ -640,7 +641,7 @@ class TfKerasAdapter(Keras3Adapter):
         reach a task's targets (labels, sample weights) are remembered in
         `target_leaves` and are not scored.
         """
-        flat_specs = tf.nest.flatten(x_spec)
+        flat_specs = unbatched_specs(x_spec)
         layers = self.embedding_layers()
         found: dict[str, Any] = {}
         task_calls: list[dict] = []
