@@ -72,9 +72,10 @@ def cmd_devices(out: str, require_gpu: bool) -> int:
     return 0
 
 
-def _mirrored_run(strategy, x, y, seed: int):
+def _mirrored_run(strategy, x, y, seed: int, keys=None, jit_compile=False):
+    """One fit; with `keys`, string hash keys (scores put back in row order)."""
     import keras
-    import tensorflow as tf
+    import numpy as np
 
     import keras_sie
 
@@ -82,14 +83,23 @@ def _mirrored_run(strategy, x, y, seed: int):
     with strategy.scope():
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
                                   keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(0.05), "mse")
+        model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)
     keras_sie.prepare_distributed(model)
-    sie = keras_sie.SampleImportance(verbose=0)
+    inputs = keras_sie.with_ids(x)
+    if keys is not None:
+        inputs = dict(inputs, sample_id=keys)
+    sie = keras_sie.SampleImportance(verbose=0, key_mapping="hash" if keys is not None
+                                     else "index")
     # shuffle=False: the same batches in the same order on one device and on N.
-    model.fit(keras_sie.with_ids(x), y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+    model.fit(inputs, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
               callbacks=[sie])
-    del tf
-    return sie.history, sie.visits, model.get_weights()
+    history, visits = sie.history, sie.visits
+    if keys is not None:
+        slot = {k: i for i, k in enumerate(sie.keys.tolist())}
+        order = np.array([slot[k] for k in keys.tolist()])
+        history = {e: h[order] for e, h in history.items()}
+        visits = visits[order]
+    return history, visits, model.get_weights()
 
 
 def cmd_mirrored(out: str, cpu: bool) -> int:
@@ -116,20 +126,34 @@ def cmd_mirrored(out: str, cpu: bool) -> int:
     one = tf.distribute.OneDeviceStrategy(devices[0])
     many = tf.distribute.MirroredStrategy(devices)
     h1, v1, w1 = _mirrored_run(one, x, y, 7)
-    h2, v2, w2 = _mirrored_run(many, x, y, 7)
-    rel = []
-    for e in h1:
-        a, b = np.asarray(h1[e], np.float64), np.asarray(h2[e], np.float64)
-        rel.append(float(np.abs(a - b).max() / np.abs(a).max()))
-    w_rel = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)) for a, b in zip(w1, w2))
-    ok = bool(np.array_equal(v1, v2)) and max(rel) <= 1e-4 and w_rel <= 1e-4
-    res = {"status": "passed" if ok else "failed", "devices": devices,
-           "replicas": many.num_replicas_in_sync, "visits_equal": bool(np.array_equal(v1, v2)),
-           "max_rel_score_diff_per_epoch": rel, "max_rel_weight_diff": w_rel,
-           "tolerance": 1e-4}
+
+    def compare(h2, v2, w2):
+        rel = []
+        for e in h1:
+            a, b = np.asarray(h1[e], np.float64), np.asarray(h2[e], np.float64)
+            rel.append(float(np.abs(a - b).max() / np.abs(a).max()))
+        w_rel = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+                    for a, b in zip(w1, w2))
+        ok = bool(np.array_equal(v1, v2)) and max(rel) <= 1e-4 and w_rel <= 1e-4
+        return ok, {"status": "passed" if ok else "failed",
+                    "visits_equal": bool(np.array_equal(v1, v2)),
+                    "max_rel_score_diff_per_epoch": rel, "max_rel_weight_diff": w_rel}
+
+    ok, res = compare(*_mirrored_run(many, x, y, 7))
+    res.update(devices=devices, replicas=many.num_replicas_in_sync, tolerance=1e-4)
+    # String hash keys on every replica; with XLA on GPUs (Keras cannot
+    # jit-compile a MirroredStrategy step over logical CPUs).
+    keys = np.array([f"req-{i * 7919 % n}:item" for i in range(n)], dtype=object)
+    ok_hash, res["hash_keys"] = compare(*_mirrored_run(many, x, y, 7, keys=keys,
+                                                       jit_compile=not cpu))
+    res["hash_keys"]["jit_compile"] = not cpu
+    ok = ok and ok_hash
+    res["status"] = "passed" if ok else "failed"
     _write(out, res)
-    print(f"mirrored over {devices}: {res['status']} (score rel diff {max(rel):.2e}, "
-          f"weights {w_rel:.2e})")
+    print(f"mirrored over {devices}: {res['status']} (score rel diff "
+          f"{max(res['max_rel_score_diff_per_epoch']):.2e}, weights "
+          f"{res['max_rel_weight_diff']:.2e}; hash keys{' + XLA' if not cpu else ''}: "
+          f"{res['hash_keys']['status']})")
     return 0 if ok else 1
 
 

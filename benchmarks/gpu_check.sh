@@ -14,7 +14,8 @@
 #   devices         what TensorFlow sees (fails the GPU run when no GPU is visible)
 #   tests_device    out-of-range ids on the device, with and without XLA (GPU
 #                   scatters drop bad indices silently), skip mode, XLA and
-#                   steps_per_execution scores, mixed precision, hash keys + XLA
+#                   steps_per_execution scores, hash keys + XLA, streaming
+#                   (index, int64 and string keys, with and without XLA)
 #   tests_oracles   the exact linear oracles (shuffle/partial batch, sum and
 #                   weighted-mean reductions), XLA = default, mixed precision
 #                   = float32, with TensorFloat-32 off (the oracles compare at rel 1e-5)
@@ -23,8 +24,9 @@
 #                   10-bit mantissa; a failure here is reported, not fatal
 #   tests_determinism    enable_op_determinism(): the callback does not change
 #                   training (some GPU scatter kernels refuse determinism)
-#   mirrored        MirroredStrategy over all GPUs vs one device (skipped with
-#                   one GPU; --cpu: 2 logical CPUs)
+#   mirrored        MirroredStrategy over all GPUs vs one device, and string
+#                   hash keys + XLA on all GPUs (skipped with one GPU; --cpu:
+#                   2 logical CPUs, hash keys without XLA)
 #   placement       where the buffer's variables live; scores finite, visits exact
 #   bench_m1_m2     benchmarks/overhead.py, M1 and M2, plain vs with callback + A/A
 #   bench_m2_xla_4096    M2 at batch 4096 with jit_compile=True
@@ -36,7 +38,7 @@ MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --cpu) MODE=cpu ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --cpu for a dry run)" >&2; exit 2 ;;
   esac
 done
@@ -96,7 +98,9 @@ DEVICE_TESTS=(
   "tests/test_reliability.py::test_out_of_range_ids_raise_naming_the_id_and_size"
   "tests/test_reliability.py::test_skip_mode_counts_skipped_rows_and_keeps_the_rest_exact"
   "tests/test_categorical.py::test_xla_embedding_model_matches_default"
-  "tests/test_categorical.py::test_hash_keys_with_xla_fail_before_training"
+  "tests/test_categorical.py::test_hash_keys_under_xla_equal_the_index_run"
+  "tests/test_categorical.py::test_a_fixed_batch_size_pipeline_is_scored_at_the_embeddings"
+  "tests/test_stream.py::test_a_ring_smaller_than_the_epoch_gives_the_index_scores"
   "tests/test_core.py::test_steps_per_execution_and_xla_give_the_same_scores"
 )
 ORACLE_TESTS=(

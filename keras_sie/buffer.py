@@ -233,14 +233,19 @@ class ImportanceBuffer:
         keys = tf.reshape(tf.cast(keys, self.key_dtype) if self.key_dtype != tf.string
                           else keys, [-1])
         slots = tf.reshape(self.table.lookup(keys), [-1])
-        new_keys, _ = tf.unique(tf.boolean_mask(keys, slots < 0))
+        missing = tf.where(slots < 0)  # [m, 1] rows with a key the table lacks
+        new_keys, first_of = tf.unique(tf.gather_nd(keys, missing))
         n_new = tf.size(new_keys, out_type=tf.int64)
         start = self.table.size()
         room = tf.maximum(tf.constant(self.num_samples, tf.int64) - start, 0)
         n_take = tf.minimum(n_new, room)
         insert = self.table.insert(new_keys[:n_take], start + tf.range(n_take, dtype=tf.int64))
+        # New keys get start + their order of first appearance (-1 past the
+        # capacity), without a second lookup.
+        order = tf.cast(first_of, tf.int64)
+        new_slots = tf.where(order < n_take, start + order, tf.constant(-1, tf.int64))
         with tf.control_dependencies([insert]):
-            return tf.reshape(self.table.lookup(keys), [-1])
+            return tf.tensor_scatter_nd_update(slots, missing, new_slots)
 
     def accumulate(
         self,
