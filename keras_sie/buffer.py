@@ -472,6 +472,7 @@ class StreamRing:
     already knows, so no step waits for the device. When the next batch
     would not fit, and at epoch end, `flush` reads the ring in one transfer,
     gives the valid rows to `sink(keys, scores, steps)` and zeroes it.
+    String keys reach the sink as an object array of `bytes`.
 
     Args:
         buffer: The index-mode buffer the step accumulates into (its
@@ -534,9 +535,7 @@ class StreamRing:
         started = time.perf_counter()
         rows = _read(self.buffer.sums_visits)[: self.pos]
         keys = tf.concat(self._keys, axis=0).numpy()
-        if keys.dtype == object:
-            keys = np.array([s.decode("utf-8", "replace") for s in keys], dtype=str)
-        else:
+        if keys.dtype != object:  # string keys stay bytes: the sink decodes them
             keys = keys.astype(np.int64)
         steps = np.repeat(np.asarray(self._steps, np.int64), self._counts)
         self.buffer.sums_visits.assign(tf.zeros_like(self.buffer.sums_visits))

@@ -354,7 +354,10 @@ class StreamReporter:
         k = min(self.top_k, scores.size)
         if k:
             best = np.argpartition(-scores, k - 1)[:k]
-            all_keys = np.concatenate([self._top_keys, keys[best].astype(object)])
+            top = keys[best].astype(object)
+            if top.size and isinstance(top[0], bytes):
+                top = np.array([k.decode("utf-8", "replace") for k in top], dtype=object)
+            all_keys = np.concatenate([self._top_keys, top])
             all_scores = np.concatenate([self._top_scores, scores[best]])
             order = np.argsort(-all_scores, kind="stable")[: self.top_k]
             self._top_keys, self._top_scores = all_keys[order], all_scores[order]
