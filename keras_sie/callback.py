@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sie import ids as ids_lib
-from keras_sie import inspection, storage
+from keras_sie import inspection, storage, streaming
 from keras_sie import scores as scores_lib
 from keras_sie import signals as signals_lib
 from keras_sie.adapters import Keras2CallbackCompat, adapter_for
@@ -301,7 +301,11 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
     def _record(self) -> ScoreRecord | None:
         if self.__dict__.get("_stream_unread"):
             self.__dict__["_stream_unread"] = False
-            self.__dict__["_record_value"] = storage.load(self.log_dir)
+            try:
+                self.__dict__["_record_value"] = streaming.load_stream(self.log_dir)
+            except Exception:
+                if self.strict:
+                    raise  # the last good record stays otherwise
         return self.__dict__.get("_record_value")
 
     @_record.setter
@@ -522,6 +526,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
 
     def _start_stream(self, plan: inspection.FitPlan) -> None:
         """Streaming mode: the shard writer (fails here without pyarrow) and the ring."""
+        if self._record is None and storage.list_epochs(self.log_dir):
+            self._reporter.replace_old_run()  # a normal run there: replaced, loudly
         manifest = {
             "key_mapping": plan.mapping, "num_samples": plan.num_samples or None,
             "key_dtype": "string" if plan.key_dtype == tf.string else "int64",
@@ -592,6 +598,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                     self._first_epoch_of_fit = False
                     done = self.__dict__.setdefault("_stream_numbers", [])
                     self._stream_offset = max(done) + 1 - epoch if done else 0
+                    self._stream.start_fit(epoch + self._stream_offset)
                 self._ring.begin_epoch()
                 self._stream.begin_epoch(epoch + self._stream_offset, epoch + self._stream_offset)
                 self._buffer.reset()
@@ -662,6 +669,13 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
         )
         self.__dict__["_stream_unread"] = True
         self._stream_numbers.append(epoch + self._stream_offset)
+        if stream.invalid_rows:  # on_invalid_id="skip"
+            warnings.warn(
+                f"keras_sie: skipped {stream.invalid_rows} rows with ids outside "
+                f"0..{self._plan.num_samples - 1} in epoch {epoch} (e.g. id "
+                f"{stream.invalid_example}).",
+                RuntimeWarning, stacklevel=3,
+            )
         if snap.nonfinite_rows:
             warnings.warn(
                 f"keras_sie: {snap.nonfinite_rows} training rows had a NaN/Inf input gradient "

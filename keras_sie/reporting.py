@@ -293,6 +293,17 @@ class StreamReporter:
         self._seconds = 0.0
         self._found: tuple[int, int] | None = None
 
+    def start_fit(self, first: int) -> None:
+        """A fit's first epoch is `first`: epochs after it in the folder are stale."""
+        with self.reporter.fail_open(first):
+            gone = self.writer.discard_epochs_after(first)
+            if gone:
+                warnings.warn(
+                    f"keras_sie: deleted epochs {gone} of an earlier streaming run in "
+                    f"{self.reporter.log_dir}: this fit starts at epoch {first}.",
+                    stacklevel=4,
+                )
+
     def begin_epoch(self, epoch: int, number: int) -> None:
         """Starts epoch `epoch` (record `number`): reads what a killed job left of it."""
         self._epoch, self._number = int(epoch), int(number)
@@ -332,8 +343,8 @@ class StreamReporter:
         if replaced is not None:
             warnings.warn(
                 f"keras_sie: {where} held another streaming run (epoch {self._epoch} there does "
-                "not match this run's first rows); its epochs from "
-                f"{replaced} on were deleted and are written anew. Use a new log_dir per run.",
+                "not match this run's rows); its rows from the first step that differs on "
+                "were deleted and are written anew. Use a new log_dir per run.",
                 stacklevel=5,
             )
         elif found is not None:
@@ -370,6 +381,8 @@ class StreamReporter:
         out: dict[str, Any] = {}
         with self.reporter.fail_open(self._number):
             out = self.writer.end_epoch(self._epoch, dict(summary, **faults))
+            if self.writer.replaced_from is not None:
+                self._say_what_was_found()
             rows, total = int(out["rows"]), float(out["score_sum"])
             relative = (self._sample.astype(np.float64) * rows / total
                         if total > 0 else np.zeros(0))

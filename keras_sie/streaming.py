@@ -19,9 +19,9 @@ Parquet shards under `<log_dir>/keras_sie/stream/`:
 Every file is written to a temporary name, fsynced and renamed, so a file that
 exists is complete. A job that is killed and replays epoch E from step 0
 writes no row whose step a finished shard of E already holds: its first write
-is compared with those shards (`ShardWriter._is_replay`) and, when it matches,
-the steps they hold are skipped; when it does not (another run in the same
-folder), epochs E and later are deleted and written anew. What a kill loses is
+is compared with those shards step by step (`ShardWriter._first_difference`):
+the steps that match are skipped; from the first step that differs (another
+run in the same folder) the old rows are deleted and written anew. What a kill loses is
 at most the rows that had not been written yet.
 
 pyarrow is imported only when a shard is written or read:
@@ -136,7 +136,7 @@ class _EpochState:
     score_sum: float = 0.0
     parts: int = 0
     skipped_rows: int = 0
-    checked: bool = False  # the replay was compared with the shards already there
+    last_seen: int = -1  # last step this writer was given rows of (a replay's extent)
 
 
 def _part_totals(path: str) -> tuple[int, int, int, float]:
@@ -175,11 +175,12 @@ class ShardWriter:
     `epoch=E/` (and deletes its temporary files); rows whose step is at or
     before the last step they hold are dropped and counted (`skipped_rows`),
     so replaying the epoch from step 0 never writes a row twice, and part
-    numbers continue. The first write of such an epoch is first compared
-    with those shards; rows that do not replay them (another run in the same
-    folder) make the writer delete epochs E and later (`discard_from`) and
-    write everything. A step should not span two shards: the rest of a split
-    step would be dropped on replay.
+    numbers continue. Every such row is first compared with those shards,
+    step by step: from the first step that differs (another run in the same
+    folder) the old rows are deleted (`discard_steps_from`) and the new ones
+    written; steps the replay never reaches are deleted at `end_epoch`. A
+    step should not span two shards: the rest of a split step would be
+    dropped on replay.
 
     Args:
         log_dir: The run folder; shards go to `<log_dir>/keras_sie/stream/`.
@@ -328,12 +329,15 @@ class ShardWriter:
         if epoch not in self._epochs:
             self.begin_epoch(epoch)
         state = self._epochs[epoch]
-        if state.covered_through >= 0 and not state.checked:
-            state.checked = True
-            if not self._is_replay(epoch, state, keys, scores, steps):
-                self.discard_from(epoch)
+        state.last_seen = max(state.last_seen, int(steps.max()))
+        covered = steps <= state.covered_through
+        if covered.any():
+            # A replay over finished shards must give the same rows, step by step.
+            differs = self._first_difference(epoch, keys[covered], scores[covered],
+                                             steps[covered])
+            if differs is not None:
+                self.discard_steps_from(epoch, differs)
                 state = self._epochs[epoch]
-                state.checked = True
         keep = steps > state.covered_through
         if not keep.all():
             state.skipped_rows += int(keep.size - keep.sum())
@@ -345,46 +349,86 @@ class ShardWriter:
         self._pending = self._executor.submit(
             self._write_part, state, epoch, path, keys, scores, steps)
 
-    def _is_replay(self, epoch: int, state: _EpochState, keys: np.ndarray, scores: np.ndarray,
-                   steps: np.ndarray) -> bool:
-        """Whether these rows replay the finished shards of `epoch` (same job, restarted).
+    def _first_difference(self, epoch: int, keys: np.ndarray, scores: np.ndarray,
+                          steps: np.ndarray) -> int | None:
+        """The first step whose rows differ from the finished shards' (None: a replay).
 
-        Compares the rows of the first write whose steps the shards already
-        hold: the same keys in the same order and the same scores (to 1e-3 of
-        the largest; a restart from the same weights recomputes them). Another
-        run into the same folder (another model, data order or learning
-        rate) differs within the first flush.
+        Rows match when a step has the same keys in the same order and the
+        same scores to 1e-3 of the largest (a restart from the same weights
+        recomputes them). Another run into the same folder (another model,
+        data, data order or learning rate) differs at some step.
         """
-        last = min(int(steps.max()), state.covered_through)
-        mine = steps <= last
-        old_keys, old_scores, _ = read_steps(self.log_dir, epoch, int(steps.min()), last)
-        new_keys, new_scores = keys[mine], scores[mine].astype(np.float64)
-        if old_keys.shape != new_keys.shape:
-            return False
+        first, last = int(steps.min()), int(steps.max())
+        old_keys, old_scores, old_steps = read_steps(self.log_dir, epoch, first, last)
         if self._key_dtype == "string":
-            new_keys = np.array([k.decode() if isinstance(k, bytes) else str(k)
-                                 for k in new_keys.tolist()], dtype=object)
+            keys = np.array([k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)
+                             for k in keys.tolist()], dtype=object)
             old_keys = old_keys.astype(object)
-        if not np.array_equal(old_keys, new_keys):
-            return False
-        scale = max(float(np.abs(old_scores).max(initial=0.0)), 1e-30)
-        return bool(np.all(np.abs(old_scores - new_scores) <= 1e-3 * scale))
+        else:
+            keys, old_keys = keys.astype(np.int64), old_keys.astype(np.int64)
+        scores = scores.astype(np.float64)
+        scale = max(float(np.abs(old_scores).max(initial=0.0)),
+                    float(np.abs(scores).max(initial=0.0)), 1e-30)
+        for step in np.union1d(np.unique(steps), np.unique(old_steps)).tolist():
+            new, old = steps == step, old_steps == step
+            if (new.sum() != old.sum() or not np.array_equal(keys[new], old_keys[old])
+                    or np.any(np.abs(scores[new] - old_scores[old]) > 1e-3 * scale)):
+                return int(step)
+        return None
 
-    def discard_from(self, epoch: int) -> None:
-        """Deletes the shards and summaries of epochs `epoch` and later (another run's).
+    def discard_steps_from(self, epoch: int, step: int) -> None:
+        """Deletes the rows of steps `step` and later from the finished shards of `epoch`.
 
-        Records the epoch in `replaced_from` so the caller can say so.
+        Whole shards past `step` are deleted; the shard that holds `step` is
+        rewritten (atomically) with its earlier rows. Records the epoch in
+        `replaced_from` so the caller can say so.
+        """
+        _, pq = _pyarrow()
+        self._collect()
+        directory = epoch_dir(self.log_dir, epoch)
+        for _, path in _finished_parts(directory):
+            lo, hi, _, _ = _part_totals(path)
+            if lo >= step:
+                os.unlink(path)
+            elif hi >= step:
+                table = pq.read_table(path)
+                keep = table["step"].to_numpy() < step
+                table = table.filter(keep)
+                steps = table["step"].to_numpy()
+                scores = table["score"].to_numpy()
+                meta = dict(table.schema.metadata or {})
+                meta.update({b"last_step": str(int(steps.max())).encode(),
+                             b"rows": str(int(steps.size)).encode(),
+                             b"score_sum": repr(float(scores.sum(dtype=np.float64))).encode()})
+                table = table.replace_schema_metadata(meta)
+                storage.atomic_write_bytes(path, lambda f, t=table: pq.write_table(t, f),
+                                           durable=self.durable)
+        summary = os.path.join(directory, EPOCH_SUMMARY)
+        if os.path.exists(summary):
+            os.unlink(summary)
+        old = self._epochs.get(int(epoch))
+        self.begin_epoch(epoch)
+        if old is not None:
+            state = self._epochs[int(epoch)]
+            state.skipped_rows, state.last_seen = old.skipped_rows, old.last_seen
+        self.replaced_from = int(epoch)
+
+    def discard_epochs_after(self, epoch: int) -> list[int]:
+        """Deletes the folders of epochs after `epoch` (a new fit starting at `epoch`).
+
+        Returns:
+            The epochs deleted.
         """
         self._collect()
+        gone = []
         for e, directory in sorted(_epoch_dirs(self.log_dir).items()):
-            if e >= epoch:
+            if e > epoch:
                 for name in os.listdir(directory):
-                    if _PART_RE.match(name) or name == EPOCH_SUMMARY or name.startswith(
-                            _TMP_PREFIX):
-                        os.unlink(os.path.join(directory, name))
+                    os.unlink(os.path.join(directory, name))
+                os.rmdir(directory)
                 self._epochs.pop(e, None)
-        self.replaced_from = int(epoch)
-        self.begin_epoch(epoch)
+                gone.append(e)
+        return gone
 
     def _key_column(self, keys: np.ndarray):
         pa, _ = _pyarrow()
@@ -463,6 +507,10 @@ class ShardWriter:
         if epoch not in self._epochs:
             self.begin_epoch(epoch)
         state = self._epochs[epoch]
+        if state.covered_through > state.last_seen:
+            # The finished shards hold steps this epoch never reached: another run's.
+            self.discard_steps_from(epoch, state.last_seen + 1)
+            state = self._epochs[epoch]
         out = dict(summary)
         out.setdefault("keras_epoch", epoch)
         out.update(epoch=epoch, rows=state.rows, score_sum=state.score_sum, parts=state.parts,

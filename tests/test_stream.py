@@ -276,3 +276,53 @@ def test_another_run_into_the_same_folder_replaces_it_and_a_second_fit_goes_on(t
     assert run.epochs == [0]
     assert (run.visits == 1).all()
     assert_close_to_max(run.importance, index.importance, rel=1e-5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_string_keys_with_xla_and_validation_data_that_carries_them(tmp_path, stream):
+    """Validation batches lose their keys before the XLA-compiled test step."""
+    x, y = linear_problem(n=100)
+    keys = np.array([f"k{i}" for i in range(100)], dtype=object)
+    model = _functional(jit_compile=True)
+    sie = keras_sie.SampleImportance(key_mapping="hash", verbose=0, stream=stream,
+                                     log_dir=str(tmp_path) if stream else None,
+                                     num_samples=None if stream else 100)
+    history = model.fit({"x": x, "sample_id": keys}, y, batch_size=16, epochs=2,
+                        validation_split=0.2, callbacks=[sie], verbose=0)
+    assert np.isfinite(history.history["val_loss"]).all()
+    visited = sorted(k for k, v in zip(sie.keys.tolist(), sie.visits) if v)
+    assert sie.visits.sum() == 80 and visited == sorted(keys[:80].tolist())  # training rows
+    assert "train_step" not in model.__dict__ and "make_test_function" not in model.__dict__
+    assert np.isfinite(model.evaluate({"x": x}, y, verbose=0))
+
+
+def test_reruns_into_one_folder_keep_only_the_new_run(tmp_path):
+    """A normal run, then stream reruns with fewer epochs and with more rows."""
+    x, y = linear_problem(n=120)
+
+    def run(n, epochs, stream=True):
+        model = _mlp(seed=0)
+        sie = keras_sie.SampleImportance(log_dir=str(tmp_path), stream=stream,
+                                         stream_capacity=40 if stream else None, verbose=0)
+        model.fit(keras_sie.with_ids(x[:n]), y[:n], batch_size=16, epochs=epochs,
+                  shuffle=False, callbacks=[sie], verbose=0)
+        return sie
+
+    run(100, 3, stream=False)
+    with pytest.warns(UserWarning, match="holds 3 epoch"):
+        first = run(100, 4)
+    assert keras_sie.load(str(tmp_path)).epochs == [0, 1, 2, 3]
+    reference = first.history[1]
+    # The same job again with fewer epochs: epochs 2-3 of the old run are gone.
+    with pytest.warns(UserWarning, match=r"deleted epochs \[1, 2, 3\]"):
+        again = run(100, 2)
+    run_ = keras_sie.load(str(tmp_path))
+    assert again.epochs == run_.epochs == [0, 1]
+    assert_close_to_max(run_.history[1], reference, rel=1e-6)
+    # More rows (the first steps match the old shards, later ones do not):
+    # every id of the new run is there once.
+    with pytest.warns(UserWarning, match="held another streaming run"):
+        more = run(120, 1)
+    run_ = keras_sie.load(str(tmp_path))
+    assert more.epochs == [0]
+    assert run_.epochs == [0] and (run_.visits == 1).all() and run_.visits.size == 120

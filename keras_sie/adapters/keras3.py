@@ -353,6 +353,10 @@ class StepHook:
                 if model.train_function is None or force:
                     model.train_function = self._keyed_train_function()
                 return model.train_function
+            elif name == "make_test_function" and self.maps_keys:
+                if model.test_function is None or force:
+                    model.test_function = self._keyed_train_function(test=True)
+                return model.test_function
             return getattr(type(model), name)(model, force=force)
 
         return make_function
@@ -363,8 +367,12 @@ class StepHook:
         keys, or ring positions in streaming mode)."""
         return self.plan.mapping == "hash" or self.stream is not None
 
-    def _keyed_train_function(self):
+    def _keyed_train_function(self, test: bool = False):
         """Keras's train function with one stage in front: keys -> slots.
+
+        With `test=True`, the validation function of the same shape, whose
+        stage drops the keys (string keys must never reach an XLA-compiled
+        function: XLA has no string type).
 
         The compiled step (XLA or not, on every replica) only ever sees int64
         slots. The key->slot table is a host-side `tf.lookup` resource that XLA
@@ -383,7 +391,7 @@ class StepHook:
         strategy = model.distribute_strategy
         reduce_per_replica = _private(
             "keras.src.backend.tensorflow.trainer.reduce_per_replica")
-        train_step = model.train_step
+        train_step = model.test_step if test else model.train_step
 
         def one_step_on_data(data):
             outputs = strategy.run(train_step, args=(data,))
@@ -403,6 +411,8 @@ class StepHook:
 
         if self.stream is not None:
             map_keys = self._ring_slots  # host bookkeeping, no device wait
+        if test:
+            map_keys = self._without_keys
 
         def function(iterator):
             outputs = None
@@ -421,6 +431,12 @@ class StepHook:
             return outputs
 
         return function
+
+    def _without_keys(self, data):
+        """Validation batches: the id entry taken off before the compiled step."""
+        x = data[0] if isinstance(data, tuple) else data
+        x, _ = ids_lib.split_ids(x, self.plan.id_key)
+        return (x,) + tuple(data[1:]) if isinstance(data, tuple) else x
 
     def _keys_of(self, data):
         x = data[0] if isinstance(data, tuple) else data
