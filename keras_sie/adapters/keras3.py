@@ -106,7 +106,11 @@ def fit_locals_of(model: Any) -> dict[str, Any] | None:
     callback still takes part. Returns None outside `fit` (evaluate, predict,
     custom loops) and in threads that have no `fit` frame.
     """
-    code = fit_code()
+    return frame_locals(model, fit_code())
+
+
+def frame_locals(model: Any, code) -> dict[str, Any] | None:
+    """Locals of the innermost running frame of `code` whose `self` is `model`."""
     frame = inspect.currentframe()
     try:
         f = frame.f_back if frame is not None else None
@@ -318,6 +322,7 @@ class StepHook:
         self.plan = plan
         self.owner = owner
         self.stream = stream
+        self.leaf_groups = plan.leaf_groups  # feature group of each watched leaf
         self.fused = adapter.train_step_is_default()
         self.installed = False
 
@@ -477,7 +482,7 @@ class StepHook:
         return tuple(new_parts)
 
     def _owner_in_running_fit(self) -> bool:
-        fit_locals = fit_locals_of(self.model)
+        fit_locals = self.adapter.fit_locals()
         if fit_locals is None:
             return False
         return any(cb is self.owner for cb in _callbacks_of(fit_locals))
@@ -529,10 +534,14 @@ class StepHook:
 
     def _train_step(self, data):
         try:
-            return self._fused_train_step(data)
+            return self._fused_step(data)
         except BaseException:
             self.uninstall()  # leave the model as we found it
             raise
+
+    def _fused_step(self, data):
+        """The step this generation fuses into (tf_keras picks TFRS's or its own)."""
+        return self._fused_train_step(data)
 
     def _fused_train_step(self, data):
         from keras.src.losses import loss as loss_module
@@ -655,7 +664,7 @@ class StepHook:
         def add(group, row):
             groups[group] = row if groups[group] is None else groups[group] + row
 
-        for leaf, group, g in zip(watched, plan.leaf_groups, grads[: len(watched)]):
+        for group, g in zip(self.leaf_groups, grads[: len(watched)]):
             if g is not None:
                 add(group, row_abs_sum(g))
         layer_group = {id(layer): group for layer, group in plan.layer_groups}
@@ -1072,7 +1081,6 @@ class Keras3Adapter:
     def state_variables(self) -> list:
         """Variables a forward pass may change (moving stats, RNG, metrics)."""
         model = self.model
-        seen, out = set(), []
         candidates = list(model.non_trainable_variables)
         for layer in self.all_layers() + [model]:
             for sg in getattr(layer, "_seed_generators", []) or []:
@@ -1082,11 +1090,7 @@ class Keras3Adapter:
         compile_loss = getattr(model, "_compile_loss", None)
         if compile_loss is not None:
             candidates.extend(getattr(compile_loss, "variables", []) or [])
-        for v in candidates:
-            if id(v) not in seen:
-                seen.add(id(v))
-                out.append(v)
-        return out
+        return unique_variables(candidates)
 
     # -------------------------------------------------------------- restore
     def restore(self) -> None:
@@ -1097,6 +1101,16 @@ class Keras3Adapter:
                 object.__delattr__(model, name)
         model.train_function = None
         model.test_function = None
+
+
+def unique_variables(candidates: list) -> list:
+    """`candidates` without repeats (by identity), in first-seen order."""
+    seen, out = set(), []
+    for v in candidates:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
 
 
 def unbatched_specs(x_spec: Any) -> list:

@@ -50,10 +50,11 @@ from keras_sie.adapters.keras3 import (
     StepHook,
     StepPlan,
     _ancestor_leaves,
-    _callbacks_of,
+    frame_locals,
     model_output_names,
     row_abs_sum,
     unbatched_specs,
+    unique_variables,
 )
 
 SUPPORTED = "tf-keras 2.21 (TF_USE_LEGACY_KERAS=1), tensorflow-recommenders 0.7.7"
@@ -73,13 +74,6 @@ _MODEL_ATTRS = (
     "_flatten_layers",
     "_validate_target_and_loss",
     "distribute_strategy",
-)
-_INSTALLED_ATTRS = (
-    "train_step",
-    "test_step",
-    "make_train_function",
-    "make_test_function",
-    "_keras_sie_hook",
 )
 # Keras 2 reduction names -> keras_sie's (inspection.REDUCTIONS).
 _REDUCTION_NAMES = {"auto": "sum_over_batch_size", "sum_over_batch_size": "sum_over_batch_size",
@@ -143,17 +137,7 @@ def fit_code():
 
 def fit_locals_of(model: Any) -> dict[str, Any] | None:
     """Local variables of the tf_keras `fit` call running on `model`, or None."""
-    code = fit_code()
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        while f is not None:
-            if f.f_code is code and f.f_locals.get("self") is model:
-                return dict(f.f_locals)
-            f = f.f_back
-    finally:
-        del frame
-    return None
+    return frame_locals(model, fit_code())
 
 
 def _unpack(data):
@@ -211,8 +195,9 @@ class TfKerasStepHook(StepHook):
     """The fused train step for one tf_keras model in one `fit`.
 
     The same life cycle as the Keras 3 `StepHook`, whose install / uninstall,
-    `make_*_function` guards and id checks it inherits: only the steps differ
-    (tf_keras's own `train_step`, or TFRS's).
+    `make_*_function` guards, id checks and per-group row sums it inherits:
+    only the steps differ (tf_keras's own `train_step`, or TFRS's) and which
+    inputs are scored (not a TFRS model's targets).
 
     Args:
         adapter: The model's `TfKerasAdapter`.
@@ -240,26 +225,18 @@ class TfKerasStepHook(StepHook):
         # Target-only inputs of a TFRS model (labels, weights) are not scored.
         skip = set(adapter.target_leaves)
         self.watched_leaves = tuple(i for i in plan.watched_leaves if i not in skip)
-
-    def _owner_in_running_fit(self) -> bool:
-        fit_locals = fit_locals_of(self.model)  # tf_keras's fit frame
-        if fit_locals is None:
-            return False
-        return any(cb is self.owner for cb in _callbacks_of(fit_locals))
+        group_of = dict(zip(plan.watched_leaves, plan.leaf_groups))
+        self.leaf_groups = tuple(group_of[i] for i in self.watched_leaves)
 
     # ---------------------------------------------------------------- steps
     def _test_step(self, data):
         data, _, _, _, _ = _without_ids(data, self.plan.id_key)
         return type(self.model).test_step(self.model, data)
 
-    def _train_step(self, data):
-        try:
-            if self.kind == "tfrs":
-                return self._fused_tfrs_step(data)
-            return self._fused_train_step(data)
-        except BaseException:
-            self.uninstall()  # leave the model as we found it
-            raise
+    def _fused_step(self, data):
+        if self.kind == "tfrs":
+            return self._fused_tfrs_step(data)
+        return self._fused_train_step(data)
 
     def _fused_train_step(self, data):
         """`tf_keras.Model.train_step` with the input gradients from its own tape."""
@@ -360,28 +337,6 @@ class TfKerasStepHook(StepHook):
         metrics["total_loss"] = total_loss
 
         return metrics
-
-    def _group_rows(self, ids, watched, records, grads) -> list[tf.Tensor]:
-        """[B] row sums of |gradient| per feature group, in plan order."""
-        plan = self.plan
-        batch = tf.shape(tf.reshape(ids, [-1]))[0]
-        groups: list[tf.Tensor | None] = [None] * plan.num_groups
-        leaf_group = dict(zip(plan.watched_leaves, plan.leaf_groups))
-
-        def add(group, row):
-            groups[group] = row if groups[group] is None else groups[group] + row
-
-        for index, g in zip(self.watched_leaves, grads[: len(watched)]):
-            if g is not None:
-                add(leaf_group[index], row_abs_sum(g))
-        layer_group = {id(layer): group for layer, group in plan.layer_groups}
-        for (layer, _, _, mask), g in zip(records, grads[len(watched):]):
-            if g is None:
-                continue
-            if isinstance(g, tf.IndexedSlices):
-                g = tf.convert_to_tensor(g)
-            add(layer_group[id(layer)], row_abs_sum(g, mask))
-        return [g if g is not None else tf.zeros([batch], tf.float32) for g in groups]
 
     def record(self, sample_ids, input_gradients, loss_scale=1.0) -> None:
         """The `keras_sie.record` path for models with a `train_step` of their own.
@@ -702,7 +657,6 @@ class TfKerasAdapter(Keras3Adapter):
     def state_variables(self) -> list:
         """Variables a forward pass may change (moving stats, metrics, RNG states)."""
         model = self.model
-        seen, out = set(), []
         candidates = list(model.non_trainable_variables)
         for metric in model.metrics:
             candidates.extend(metric.variables)
@@ -720,18 +674,4 @@ class TfKerasAdapter(Keras3Adapter):
                 v for v in model._flatten(predicate=lambda v: isinstance(v, tf.Variable))
                 if not v.trainable
             )
-        for v in candidates:
-            if id(v) not in seen:
-                seen.add(id(v))
-                out.append(v)
-        return out
-
-    # -------------------------------------------------------------- restore
-    def restore(self) -> None:
-        """Takes every keras_sie step and guard off the model (idempotent)."""
-        model = self.model
-        for name in _INSTALLED_ATTRS:
-            if name in model.__dict__:
-                object.__delattr__(model, name)
-        model.train_function = None
-        model.test_function = None
+        return unique_variables(candidates)
