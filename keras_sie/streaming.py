@@ -369,12 +369,24 @@ class ShardWriter:
         scores = scores.astype(np.float64)
         scale = max(float(np.abs(old_scores).max(initial=0.0)),
                     float(np.abs(scores).max(initial=0.0)), 1e-30)
-        for step in np.union1d(np.unique(steps), np.unique(old_steps)).tolist():
-            new, old = steps == step, old_steps == step
-            if (new.sum() != old.sum() or not np.array_equal(keys[new], old_keys[old])
-                    or np.any(np.abs(scores[new] - old_scores[old]) > 1e-3 * scale)):
-                return int(step)
-        return None
+        # Both sides are in step order. Steps present on both sides with the
+        # same row count line up row for row up to the first step where the
+        # step sets or counts part; compare those rows in one pass.
+        new_steps, new_counts = np.unique(steps, return_counts=True)
+        old_steps_u, old_counts = np.unique(old_steps, return_counts=True)
+        n = min(new_steps.size, old_steps_u.size)
+        apart = np.flatnonzero((new_steps[:n] != old_steps_u[:n])
+                               | (new_counts[:n] != old_counts[:n]))
+        k = int(apart[0]) if apart.size else n
+        candidates = []
+        if k < max(new_steps.size, old_steps_u.size):
+            candidates.append(min(int(a[k]) for a in (new_steps, old_steps_u) if k < a.size))
+        rows = int(new_counts[:k].sum())
+        bad = np.flatnonzero((keys[:rows] != old_keys[:rows])
+                             | (np.abs(scores[:rows] - old_scores[:rows]) > 1e-3 * scale))
+        if bad.size:
+            candidates.append(int(steps[bad[0]]))
+        return min(candidates) if candidates else None
 
     def discard_steps_from(self, epoch: int, step: int) -> None:
         """Deletes the rows of steps `step` and later from the finished shards of `epoch`.
