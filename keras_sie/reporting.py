@@ -175,9 +175,7 @@ class EpochReporter:
             (key, score, vis, score * visited)
             for key, score, vis in record.top_k(self.top_k, epoch=number)
         ]
-        if self._writer is None:
-            self._writer = SummaryWriter(self.log_dir, storage.RUN_SUBDIR)
-        self._writer.write_epoch(
+        self.summary_writer().write_epoch(
             step=number,
             importance=scores.importance,
             visits=scores.visits,
@@ -195,6 +193,12 @@ class EpochReporter:
                 name: np.where(visited, record.signal(name, epoch=number), np.nan)
                 for name in record.signals
             })
+
+    def summary_writer(self) -> SummaryWriter:
+        """The run's TensorBoard writer (created on first use, closed by `close`)."""
+        if self._writer is None:
+            self._writer = SummaryWriter(self.log_dir, storage.RUN_SUBDIR)
+        return self._writer
 
     def _data_map_images(self, record: ScoreRecord, number: int,
                          epoch_seconds: float | None) -> dict[str, np.ndarray]:
@@ -312,8 +316,8 @@ class StreamReporter:
             return
         with self.reporter.fail_open(number):
             self.writer.begin_epoch(epoch)
-            state = self.writer._epochs.get(int(epoch))
-            self._found = (state.parts, state.covered_through) if state and state.parts else None
+            parts, through = self.writer.finished(epoch)
+            self._found = (parts, through) if parts else None
 
     def rows(self, keys: np.ndarray, scores: np.ndarray, steps: np.ndarray) -> None:
         """One ring flush: checks index ids, queues a shard, keeps the epoch's sample."""
@@ -397,9 +401,7 @@ class StreamReporter:
                 "stream/flush_seconds": flush_seconds,
                 "stream/write_wait_seconds": self._seconds,
             }
-            if self.reporter._writer is None:
-                self.reporter._writer = SummaryWriter(self.reporter.log_dir, storage.RUN_SUBDIR)
-            self.reporter._writer.write_stream_epoch(
+            self.reporter.summary_writer().write_stream_epoch(
                 self._number, relative, scalars, faults, feature_shares, top)
         return out
 

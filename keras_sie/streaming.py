@@ -294,6 +294,11 @@ class ShardWriter:
             state.parts += 1
         self._epochs[int(epoch)] = state
 
+    def finished(self, epoch: int) -> tuple[int, int]:
+        """`(shards, last step they hold)` of `epoch` found or written so far ((0, -1): none)."""
+        state = self._epochs.get(int(epoch))
+        return (state.parts, state.covered_through) if state is not None else (0, -1)
+
     def write(self, epoch: int, keys: np.ndarray, scores: np.ndarray, steps: np.ndarray) -> None:
         """Queues one shard of rows; returns once the previous shard is written.
 
