@@ -739,6 +739,13 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, obj) -> None:
+    """Writes a result file (its folder created), as every benchmark here does."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run (< 1 min)")
@@ -810,9 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         f"configs={','.join(configs)} threads={threads} load={res['loadavg_start']}")
     def checkpoint() -> None:  # keep what is measured if a later stage fails
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.json, res)
 
     for key in keys:
         res["models"][key] = run_model(key, n, rounds, args.warmup, measured, log, configs,
@@ -832,9 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
         log(f"\nwrote {args.json}")
     return 0
 

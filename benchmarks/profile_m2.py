@@ -459,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.report) as f:
             saved = json.load(f)
         saved["report_markdown"] = format_report(saved)
-        with open(args.report, "w") as f:
-            json.dump(saved, f, indent=1)
+        overhead.write_json(args.report, saved)
         print(saved["report_markdown"])
         return 0
     threads = overhead.set_threads(args.threads)
@@ -497,9 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        overhead.write_json(args.json, res)
         log(f"\nwrote {args.json}")
     return 0
 

@@ -856,9 +856,7 @@ def main(argv=None) -> int:
 
     def checkpoint() -> None:
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+            overhead.write_json(args.json, results)
 
     if args.sizes:
         t0 = time.perf_counter()
