@@ -655,18 +655,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                     "larger num_samples, use key_mapping='hash' for arbitrary keys, or "
                     "on_invalid_id='skip' to leave such rows out."
                 )
-        names = inspection.feature_names_for(self._plan, snap.num_groups)
-        sums = snap.feature_sums[: len(names)]
-        total = float(sums.sum())
-        faults = {"nonfinite_rows": snap.nonfinite_rows, "invalid_id_rows": stream.invalid_rows,
-                  "skipped_steps": snap.skipped_steps}
-        stream.end_epoch(
-            {"feature_names": list(names), "feature_sums": sums.tolist(), "steps": snap.steps,
-             "keras_epoch": int(epoch)},
-            faults,
-            {n: float(s) / total if total > 0 else 0.0 for n, s in zip(names, sums)},
-            self._ring.seconds_flushing,
-        )
+        stream.end_epoch(snap, inspection.feature_names_for(self._plan, snap.num_groups),
+                         int(epoch), self._ring.seconds_flushing)
         self.__dict__["_stream_unread"] = True
         self._stream_numbers.append(epoch + self._stream_offset)
         if stream.invalid_rows:  # on_invalid_id="skip"

@@ -377,11 +377,29 @@ class StreamReporter:
             order = np.argsort(-all_scores, kind="stable")[: self.top_k]
             self._top_keys, self._top_scores = all_keys[order], all_scores[order]
 
-    def end_epoch(self, summary: dict[str, Any], faults: dict[str, int],
-                  feature_shares: dict[str, float], flush_seconds: float) -> dict[str, Any]:
-        """Writes the epoch's summary file and TensorBoard tags (call after the last flush)."""
+    def end_epoch(self, snap, feature_names: list[str], keras_epoch: int,
+                  flush_seconds: float) -> dict[str, Any]:
+        """Writes the epoch's summary file and TensorBoard tags (call after the last flush).
+
+        Args:
+            snap: The buffer's `BufferSnapshot` at epoch end (counters, feature sums).
+            feature_names: Names of the feature groups, in the buffer's order.
+            keras_epoch: The epoch number Keras used.
+            flush_seconds: Time the ring's device reads took this epoch.
+
+        Returns:
+            What `ShardWriter.end_epoch` wrote ({} when reporting is off).
+        """
         if self.reporter.disabled:
             return {}
+        sums = snap.feature_sums[: len(feature_names)]
+        total = float(sums.sum())
+        feature_shares = {n: float(s) / total if total > 0 else 0.0
+                          for n, s in zip(feature_names, sums)}
+        faults = {"nonfinite_rows": snap.nonfinite_rows, "invalid_id_rows": self.invalid_rows,
+                  "skipped_steps": snap.skipped_steps}
+        summary = {"feature_names": list(feature_names), "feature_sums": sums.tolist(),
+                   "steps": snap.steps, "keras_epoch": keras_epoch}
         out: dict[str, Any] = {}
         with self.reporter.fail_open(self._number):
             out = self.writer.end_epoch(self._epoch, dict(summary, **faults))
