@@ -228,6 +228,22 @@ def test_signals_are_refused_before_training_on_a_tf_keras_model():
     model.fit(x, y, epochs=1, verbose=0)
 
 
+def test_streaming_and_hash_keys_under_xla_are_refused_before_training(tmp_path):
+    x, y = linear_problem(n=20)
+    model = _linear_model()
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), stream=True, verbose=0)
+    with pytest.raises(NotImplementedError, match="stream=True is not supported for tf_keras"):
+        model.fit(keras_sie.with_ids(x), y, epochs=1, callbacks=[sie], verbose=0)
+    _assert_unpatched(model)
+    model.compile(model.optimizer, "mse", jit_compile=True)
+    sie = keras_sie.SampleImportance(key_mapping="hash", num_samples=20, verbose=0)
+    with pytest.raises(ValueError, match="which XLA cannot compile; compile the model with "
+                                         "jit_compile=False"):
+        model.fit(dict(keras_sie.with_ids(x), sample_id=np.arange(20) * 7), y, epochs=1,
+                  callbacks=[sie], verbose=0)
+    _assert_unpatched(model)
+
+
 def test_adapter_for_names_the_supported_generations_for_anything_else():
     with pytest.raises(TypeError, match=r"builtins\.object is not a supported Keras model.*"
                                         r"Keras 3.*tf_keras \(Keras 2\)"):
