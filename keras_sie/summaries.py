@@ -24,7 +24,9 @@ Tags (see the README's table):
 
 from __future__ import annotations
 
+import glob
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -105,6 +107,27 @@ def histogram_buckets(values: np.ndarray, bucket_count: int = 60) -> np.ndarray:
     return np.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
+def create_file_writer(path: str):
+    """A TensorBoard writer whose event file sorts after the folder's older ones.
+
+    TensorBoard reads a folder's event files in name order. TensorFlow names
+    them `events.out.tfevents.<second>.<host>.<pid>.<n>.v2`, where `n` counts
+    the process's writers, so two files opened in the same second can sort
+    out of order (".10" before ".9"): a second `fit` would then be read before
+    the first. When the folder holds a file from this very second, wait for
+    the next second (only sub-second fits ever wait).
+    """
+    newest = 0
+    for name in glob.glob(os.path.join(path, "events.out.tfevents.*")):
+        parts = os.path.basename(name).split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            newest = max(newest, int(parts[3]))
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
+    with tf.device("/cpu:0"):
+        return tf.summary.create_file_writer(path)
+
+
 class SummaryWriter:
     """Lazily created TensorBoard writer for the keras_sie run folder."""
 
@@ -115,8 +138,7 @@ class SummaryWriter:
     @property
     def writer(self):
         if self._writer is None:
-            with tf.device("/cpu:0"):
-                self._writer = tf.summary.create_file_writer(self.path)
+            self._writer = create_file_writer(self.path)
         return self._writer
 
     def write_epoch(
@@ -266,8 +288,7 @@ def write_ranking(log_dir: str, record, number: int, top_k: int) -> None:
     path = os.path.join(os.fspath(log_dir), "keras_sie", "ranking")
     writer = _RANKING_WRITERS.get(path)
     if writer is None:
-        with tf.device("/cpu:0"):
-            writer = _RANKING_WRITERS[path] = tf.summary.create_file_writer(path)
+        writer = _RANKING_WRITERS[path] = create_file_writer(path)
     scores = record.epoch(number)
     visited = int((scores.visits > 0).sum())
     rows = [(q, item, score, vis, score * visited)

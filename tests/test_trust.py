@@ -133,6 +133,33 @@ def test_a_second_fit_with_initial_epoch_continues_contiguous_record_numbers(tmp
     assert [e.step for e in acc.Tensors("importance/gini")] == list(range(8))
 
 
+def test_event_files_opened_in_one_second_are_read_in_order(tmp_path):
+    """TensorFlow names event files `...<second>.<host>.<pid>.<n>.v2`; ".10" sorts
+    before ".9", so two fits in one second could be read out of order."""
+    import glob
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from keras_sie.summaries import create_file_writer
+
+    scratch, run = tmp_path / "scratch", tmp_path / "run"
+    while True:  # bring the process's writer counter to 8, 98, 998, ...
+        w = tf.summary.create_file_writer(str(scratch))
+        w.close()
+        counters = [int(name.split(".")[-2]) for name in glob.glob(str(scratch / "*"))]
+        if set(str(max(counters) + 1)) == {"9"}:
+            break  # the next two files are numbered 9 and 10 (99 and 100, ...)
+    for step in range(2):
+        w = create_file_writer(str(run))
+        with w.as_default():
+            tf.summary.scalar("x", float(step), step=step)
+        w.close()
+    acc = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("x")] == [0, 1]
+    assert len(glob.glob(str(run / "events.out.tfevents.*"))) == 2
+
+
 # -------------------------------------------------- 4: two callbacks, one model
 def test_two_sample_importance_callbacks_in_one_fit_are_refused_and_the_model_restored():
     x, y = linear_problem(n=24)
