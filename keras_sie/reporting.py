@@ -216,7 +216,10 @@ class EpochReporter:
             history = {e: v for e, v in record.history.items() if e <= number}
             cartography = None
             if "confidence" in record.signals:  # dataset cartography
-                with np.errstate(all="ignore"):
+                # Samples never visited are NaN in every epoch: their mean stays
+                # NaN, without numpy's "Mean of empty slice" warning.
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     means = np.stack([record.signal("confidence", epoch=e) for e in history])
                     mean = np.nanmean(means, axis=0)
                 cartography = (mean, record.signal("confidence_std", epoch=number))

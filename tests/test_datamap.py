@@ -7,8 +7,10 @@ import subprocess
 import sys
 import warnings
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import linear_model, linear_problem
 from tensorboard.backend.event_processing import event_accumulator as ea
 
@@ -181,3 +183,23 @@ def test_auto_data_map_keeps_drawing_within_two_percent_of_epoch_time(tmp_path):
     linear_model(lr=0.01).fit(keras_sie.with_ids(x), y, batch_size=16, epochs=3,
                               callbacks=[every], verbose=0)
     assert _image_steps(tmp_path / "every") == [0, 1, 2]
+
+
+def test_cartography_with_unvisited_samples_draws_without_numpy_warnings(tmp_path):
+    """Samples an epoch never reaches are NaN in the confidence history: the map
+    leaves them out without numpy's "Mean of empty slice" warning."""
+    x, y = linear_problem(n=64)
+    y = (y > np.median(y)).astype("float32")
+    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.BinaryCrossentropy(from_logits=True))
+    sie = keras_sie.SampleImportance(log_dir=str(tmp_path), verbose=0, data_map=True,
+                                     signals=("confidence",), num_samples=64)
+    # Only the first 32 ids ever occur: samples 32..63 are never visited.
+    ds = keras_sie.with_ids(tf.data.Dataset.from_tensor_slices((x[:32], y[:32]))).batch(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(ds, epochs=2, callbacks=[sie], verbose=0)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert _image_tags(tmp_path) == ["importance/data_map"]
+    assert int((sie.visits == 0).sum()) == 32
