@@ -278,54 +278,71 @@ class ImportanceBuffer:
             padding: Negative ids mark padding (ranked lists): such rows are
                 left out without being counted as invalid. Index mode only.
         """
-        if len(per_feature_rows) > MAX_FEATURE_GROUPS:
+        groups = len(per_feature_rows)
+        if groups > MAX_FEATURE_GROUPS:
             raise ValueError(
-                f"Too many feature groups ({len(per_feature_rows)}); at most "
+                f"Too many feature groups ({groups}); at most "
                 f"{MAX_FEATURE_GROUPS} are supported."
             )
-        ok = tf.constant(True) if step_ok is None else tf.reshape(step_ok, [])
-        ids = tf.reshape(ids, [-1])
-        if self.key_mapping == "hash":
-            slots = tf.cast(ids, tf.int64)
+        # Every op here runs on every step, so the default path (index ids, no
+        # loss-scale optimizer, no signals) is kept to a few small ops
+        # (benchmarks/step_overhead.py measures them against plain `fit`).
+        ok = None if step_ok is None else tf.reshape(step_ok, [])
+        slots = tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        hash_mode = self.key_mapping == "hash"
+        if hash_mode:
             known = slots >= 0
         else:
-            slots = tf.cast(ids, tf.int64)
-            known = tf.logical_and(slots >= 0, slots < self.num_samples)
-        rows = tf.stack([tf.cast(r, tf.float32) for r in per_feature_rows], axis=1)
-        rows = rows * tf.cast(scale, tf.float32)
-        total = tf.reduce_sum(rows, axis=1)
-        finite = tf.logical_or(tf.math.is_finite(total), tf.logical_not(ok))
-        valid = tf.logical_and(tf.logical_and(known, finite), ok)
-        safe_slots = tf.where(known, slots, tf.zeros_like(slots))
-        # tf.where, not a multiply: a NaN row times 0 would still be NaN.
-        clean_total = tf.where(valid, total, tf.zeros_like(total))
-        columns = [clean_total, tf.cast(valid, tf.float32)]
+            # 0 <= id < N in one compare: a negative id is a huge unsigned one.
+            known = tf.bitcast(slots, tf.uint64) < tf.constant(self.num_samples, tf.uint64)
+        scale = tf.cast(scale, tf.float32)
+        if groups == 1:
+            total = tf.cast(tf.reshape(per_feature_rows[0], [-1]), tf.float32) * scale
+            rows = None
+        else:
+            rows = tf.stack([tf.cast(r, tf.float32) for r in per_feature_rows], axis=1) * scale
+            total = tf.reduce_sum(rows, axis=1)
+        finite = tf.math.is_finite(total)
+        valid = tf.logical_and(known, finite)
+        if ok is not None:
+            # A skipped step (loss-scale overflow) adds nothing and counts no NaN rows.
+            valid = tf.logical_and(valid, ok)
+            finite = tf.logical_or(finite, tf.logical_not(ok))
+        safe_slots = tf.where(known, slots, tf.constant(0, tf.int64))
+        weight = tf.cast(valid, tf.float32)
+        # multiply_no_nan: 0 where the weight is 0, even for a NaN/Inf row.
+        clean_total = tf.math.multiply_no_nan(total, weight)
+        columns = [clean_total, weight]
         columns += self._signal_columns(safe_slots, valid, signal_rows or {}, correct)
         _scatter_add(self.sums_visits, safe_slots, tf.stack(columns, axis=1))
         if self.task_sums is not None and per_task_rows:
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
-            tasks = tasks * tf.cast(scale, tf.float32)
-            tasks = tf.where(valid[:, None], tasks, tf.zeros_like(tasks))
+            tasks = tf.math.multiply_no_nan(tasks * scale, weight[:, None])
             _scatter_add(self.task_sums, safe_slots, tasks)
-        per_feature = tf.reduce_sum(tf.where(valid[:, None], rows, tf.zeros_like(rows)), axis=0)
-        pad = MAX_FEATURE_GROUPS - len(per_feature_rows)
-        _assign_add(self.feature_sums, tf.pad(per_feature, [[0, pad]]))
+        if rows is None:
+            per_feature = tf.reshape(tf.reduce_sum(clean_total), [1])
+        else:
+            per_feature = tf.reduce_sum(tf.math.multiply_no_nan(rows, weight[:, None]), axis=0)
+        _scatter_add(self.feature_sums, tf.range(groups), per_feature)
+        # Counters (see _COUNTERS): one int64 update per step; the constant part
+        # (steps, feature groups) folds at trace time.
         unknown = tf.logical_not(known)
         if padding:
             unknown = tf.logical_and(unknown, slots >= 0)
-        n_unknown = tf.reduce_sum(tf.cast(unknown, tf.int64))
-        zero = tf.constant(0, tf.int64)
-        hash_mode = self.key_mapping == "hash"
-        _assign_add(self.counters, tf.stack([
-            tf.constant(1, tf.int64),                                   # steps
-            tf.cast(tf.logical_not(ok), tf.int64),                      # skipped steps
-            zero if hash_mode else n_unknown,                           # invalid ids
-            tf.reduce_sum(tf.cast(tf.logical_and(known, ~finite), tf.int64)),  # NaN/Inf
-            n_unknown if hash_mode else zero,                           # dropped keys
-            tf.constant(len(per_feature_rows), tf.int64),               # groups x steps
-        ]))
+        bad = tf.reduce_sum(tf.cast(tf.stack(
+            [unknown, tf.logical_and(known, tf.logical_not(finite))], axis=1), tf.int64), axis=0)
+        # invalid ids go to "invalid_rows" (index) or "dropped_rows" (hash: no room).
+        counts = [bad[1], bad[0]] if hash_mode else [bad[0], bad[1]]
+        _scatter_add(self.counters, tf.constant([3, 4] if hash_mode else [2, 3]), tf.stack(counts))
+        constant = np.array([1, 0, 0, 0, 0, groups], np.int64)
+        if ok is None:
+            _assign_add(self.counters, tf.constant(constant))
+        else:
+            skipped = tf.cast(tf.logical_not(ok), tf.int64)
+            _assign_add(self.counters, tf.constant(constant) + tf.one_hot(1, 6, skipped, 0,
+                                                                          dtype=tf.int64))
         if not hash_mode:
-            worst = tf.reduce_max(tf.where(unknown, slots, tf.fill(tf.shape(slots), _NO_ID)))
+            worst = tf.reduce_max(tf.where(unknown, slots, tf.constant(_NO_ID, tf.int64)))
             tf.raw_ops.ResourceScatterMax(
                 resource=self.invalid_example.handle, indices=tf.zeros([1], tf.int32),
                 updates=tf.reshape(worst, [1]),

@@ -147,6 +147,8 @@ def row_abs_sum(g: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
         g = g * m
     if g.shape.rank == 1:
         return g
+    if g.shape.rank is not None:  # one reduction, no dynamic reshape
+        return tf.reduce_sum(g, axis=list(range(1, g.shape.rank)))
     return tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)
 
 
