@@ -236,6 +236,17 @@ def cmd_summarize(results: str) -> int:
                                                       "epoch_end_seconds")}
                        for k, m in b.get("models", {}).items()},
         }
+    step_path = os.path.join(results, "step_overhead.json")
+    if os.path.exists(step_path):
+        with open(step_path) as f:
+            b = json.load(f)
+        out["benchmarks"]["step"] = {
+            "command": b.get("command"), "threads": b.get("threads"),
+            "models": {k: {kk: m.get(kk) for kk in ("title", "num_samples", "batch_size",
+                                                      "blocks", "steps_per_block", "cpu",
+                                                      "wall", "seconds_per_step")}
+                       for k, m in b.get("models", {}).items()},
+        }
     for name in ("mirrored", "placement"):
         path = os.path.join(results, f"{name}.json")
         if os.path.exists(path):
@@ -259,6 +270,13 @@ def cmd_summarize(results: str) -> int:
         lines.append(f"check {name}: {c.get('status')}"
                      + (f" ({c.get('reason')})" if c.get("reason") else ""))
     for name, b in out["benchmarks"].items():
+        if name == "step":  # per-step ratios (median over interleaved blocks)
+            for key, m in b["models"].items():
+                lines.append(f"bench step {key.upper()} (batch {m['batch_size']}): " + "; ".join(
+                    f"{clock}: " + ", ".join(f"{k} {v['median']:.3f}"
+                                             for k, v in (m.get(clock) or {}).items())
+                    for clock in ("wall", "cpu")))
+            continue
         for key, m in b["models"].items():
             cells = []
             for clock in ("wall", "cpu"):

@@ -30,6 +30,8 @@
 #   placement       where the buffer's variables live; scores finite, visits exact
 #   bench_m1_m2     benchmarks/overhead.py, M1 and M2, plain vs with callback + A/A
 #   bench_m2_xla_4096    M2 at batch 4096 with jit_compile=True
+#   bench_step      benchmarks/step_overhead.py (a, a2, b), M1 and M2: per-step
+#                   ratios from interleaved blocks of steps, the figure that resolves 1 %
 #   summarize       gpu_check.json + summary.txt
 set -u
 cd "$(dirname "$0")/.."
@@ -38,7 +40,7 @@ MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --cpu) MODE=cpu ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --cpu for a dry run)" >&2; exit 2 ;;
   esac
 done
@@ -49,7 +51,7 @@ else RES=benchmarks/results/gpu_dryrun
 fi
 mkdir -p "$RES/logs"
 rm -f "$RES"/steps.jsonl "$RES"/pytest_*.xml "$RES"/bench_*.json "$RES"/devices.json \
-  "$RES"/mirrored.json "$RES"/placement.json "$RES"/gpu_check.json "$RES"/summary.txt
+  "$RES"/mirrored.json "$RES"/placement.json "$RES"/step_overhead.json "$RES"/gpu_check.json "$RES"/summary.txt
 
 export TF_CPP_MIN_LOG_LEVEL=2 KERAS_BACKEND=tensorflow
 export PYTHONPATH="benchmarks${PYTHONPATH:+:$PYTHONPATH}"   # the pytest plugin
@@ -58,10 +60,12 @@ if [[ $MODE == cpu ]]; then
   # tiny sizes: every step end to end, not a measurement
   BENCH=(--num-samples 2048 --rounds 1 --epochs 1 --threads 0)
   BENCH_XLA=(--num-samples 8192 --rounds 1 --epochs 1 --threads 0)
+  BENCH_STEP=(--num-samples 8192 --blocks 4 --steps 4 --threads 0)
   STEP_LIMIT=240
 else
   BENCH=(--num-samples 100000 --rounds 3 --epochs 2 --threads 0)
   BENCH_XLA=(--num-samples 409600 --rounds 3 --epochs 2 --threads 0)
+  BENCH_STEP=(--num-samples 100000 --blocks 60 --steps 20 --threads 0)
   STEP_LIMIT=150
 fi
 BUDGET_S=470   # stop starting steps after this; the last one is bounded by what is left
@@ -136,6 +140,8 @@ step bench_m1_m2 0 python benchmarks/overhead.py --models m1,m2 --configs a,a2,b
 step bench_m2_xla_4096 0 python benchmarks/overhead.py --models m2 --configs a,a2,b \
   --batch-size 4096 --jit-compile true --no-memory --no-scaling "${BENCH_XLA[@]}" \
   --json "$RES/bench_m2_xla_4096.json"
+step bench_step 0 python benchmarks/step_overhead.py --configs a,a2,b "${BENCH_STEP[@]}" \
+  --json "$RES/step_overhead.json"
 
 python benchmarks/gpu_check.py summarize "$RES" || FAILED=1
 echo "[gpu_check] total ${SECONDS}s; results in $RES (gpu_check.json, summary.txt)"
