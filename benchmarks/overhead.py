@@ -87,7 +87,14 @@ CONFIG_LABEL = {
     "b_signals": "fit + SampleImportance(signals=all five: loss, el2n, margin, confidence, "
                  "forgetting)",
     "c": "fit + separate GradientTape pass",
+    # Diagnosis (not in ALL_CONFIGS; ask with --configs): SampleImportance's
+    # buffer update replaced on its own instance before the step is traced.
+    "b_noacc": "fit + SampleImportance, buffer update removed (diagnosis)",
+    "b_floor": "fit + SampleImportance, buffer update = one sum of the row sums (diagnosis)",
+    "b_scatter": "fit + SampleImportance, buffer update = b_floor + one unchecked scatter "
+                 "(diagnosis)",
 }
+DIAGNOSIS_CONFIGS = ("b_noacc", "b_floor", "b_scatter")
 # (b) with the per-epoch data map picture turned off, where keras_sie has one.
 HAS_DATA_MAP = "data_map" in inspect.signature(keras_sie.SampleImportance).parameters
 ALL_CONFIGS = (("a", "a2", "b", "b_signals", "b_nomap", "c") if HAS_DATA_MAP
@@ -189,6 +196,45 @@ MODELS = {
 
 
 # ---------------------------------------------------------------- callbacks
+def diagnosis_accumulate(buffer, kind: str):
+    """A stand-in for `ImportanceBuffer.accumulate` (diagnosis configurations).
+
+    Every kind counts the step (so the callback sees its step ran); then
+    `b_noacc` adds nothing (TensorFlow prunes the input gradients), `b_floor`
+    adds the total of the row sums into one variable (keeps the input
+    gradients and their row sums alive), `b_scatter` adds that total and a
+    visit per row at the ids with one unchecked scatter.
+    """
+    def accumulate(ids, per_feature_rows, scale, *args, **kwargs):
+        groups = len(per_feature_rows)
+        tf.raw_ops.AssignAddVariableOp(resource=buffer.counters.handle,
+                                       value=tf.constant([1, 0, 0, 0, 0, groups], tf.int64))
+        if kind == "b_noacc":
+            return
+        total = tf.add_n([tf.cast(r, tf.float32) for r in per_feature_rows]) * scale
+        if kind == "b_floor":
+            tf.raw_ops.AssignAddVariableOp(
+                resource=buffer.feature_sums.handle,
+                value=tf.pad(tf.reshape(tf.reduce_sum(total), [1]),
+                             [[0, buffer.feature_sums.shape[0] - 1]]))
+        else:
+            tf.raw_ops.ResourceScatterAdd(
+                resource=buffer.sums_visits.handle, indices=tf.reshape(ids, [-1]),
+                updates=tf.stack([total, tf.ones_like(total)], axis=1))
+    return accumulate
+
+
+class DiagnosisHook(keras.callbacks.Callback):
+    """Put after `sie`: swaps its buffer update before the first step traces."""
+
+    def __init__(self, sie, kind: str):
+        super().__init__()
+        self.sie, self.kind = sie, kind
+
+    def on_train_begin(self, logs=None):
+        self.sie._buffer.accumulate = diagnosis_accumulate(self.sie._buffer, self.kind)
+
+
 class EpochClock:
     """Two callbacks: `first` stamps on_epoch_begin, `last` stamps on_epoch_end.
 
@@ -388,6 +434,8 @@ def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log,
             log_dir=tmp + "_signals", verbose=0,
             signals=("loss", "el2n", "margin", "confidence", "forgetting"))
     baseline = SeparatePassBaseline(benches["c"], x, y, batch_size) if "c" in configs else None
+    diagnosis = {c: keras_sie.SampleImportance(verbose=0) for c in configs
+                 if c in DIAGNOSIS_CONFIGS}
     clocks = {c: EpochClock() for c in configs}
     per_round: dict[str, dict[str, list[list[float]]]] = {
         k: {c: [] for c in configs} for k in CLOCKS}
@@ -403,6 +451,8 @@ def run_model(key: str, n: int, rounds: int, warmup: int, measured: int, log,
             nomap_before = len(nomap_end_times)
             middle = {"b": [sie], "b_nomap": [sie_nomap], "b_signals": [sie_signals],
                       "c": [baseline]}.get(c, [])
+            if c in diagnosis:
+                middle = [diagnosis[c], DiagnosisHook(diagnosis[c], c)]
             data_x = x_ids if c.startswith("b") else x
             benches[c].model.fit(
                 data_x, y, batch_size=batch_size, epochs=warmup + measured, shuffle=True,
@@ -787,8 +837,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown model {k!r}; choose from {list(MODELS)}")
     configs = tuple(dict.fromkeys(["a"] + [c.strip() for c in args.configs.split(",") if c.strip()]))
     for c in configs:
-        if c not in ALL_CONFIGS:
-            p.error(f"unknown config {c!r}; choose from {list(ALL_CONFIGS)}")
+        if c not in ALL_CONFIGS + DIAGNOSIS_CONFIGS:
+            p.error(f"unknown config {c!r}; choose from {list(ALL_CONFIGS + DIAGNOSIS_CONFIGS)}")
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     if args.scaling_sizes:
         sizes = [int(float(s)) for s in args.scaling_sizes.split(",")]

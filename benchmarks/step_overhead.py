@@ -59,30 +59,12 @@ LABEL = {
     "a2": "plain train step, second identical model (A/A)",
     "b": "train step of fit + SampleImportance (defaults)",
     "b_signals": "train step of fit + SampleImportance(signals=all five)",
-    # Diagnosis only (--configs a,...,b_noacc): the fused step with the buffer
-    # update removed (ImportanceBuffer.accumulate made a no-op on this instance
-    # before the step is traced): what the rest of the fused step costs.
+    # Diagnosis only (--configs): overhead.diagnosis_accumulate stands in for
+    # the buffer update of this callback instance, before the step is traced.
     "b_noacc": "train step of fit + SampleImportance, buffer update removed (diagnosis)",
-    # The input gradients' row sums kept alive by one add of their total into a
-    # variable, nothing else: the unavoidable part of the fused step.
     "b_floor": "train step, buffer update replaced by one sum of the row sums (diagnosis)",
-    # b_floor plus one unchecked scatter of [score, 1] rows at the ids.
     "b_scatter": "train step, buffer update replaced by one unchecked scatter (diagnosis)",
 }
-
-
-def _floor_accumulate(buffer, scatter: bool):
-    def accumulate(ids, per_feature_rows, scale, *args, **kwargs):
-        total = tf.add_n([tf.cast(r, tf.float32) for r in per_feature_rows]) * scale
-        if scatter:
-            tf.raw_ops.ResourceScatterAdd(
-                resource=buffer.sums_visits.handle, indices=tf.reshape(ids, [-1]),
-                updates=tf.stack([total, tf.ones_like(total)], axis=1))
-        else:
-            tf.raw_ops.AssignAddVariableOp(resource=buffer.feature_sums.handle,
-                                           value=tf.pad(tf.reshape(tf.reduce_sum(total), [1]),
-                                                        [[0, buffer.feature_sums.shape[0] - 1]]))
-    return accumulate
 
 
 def dataset(x: Any, y: np.ndarray, batch: int) -> tf.data.Dataset:
@@ -154,22 +136,15 @@ def measure(key: str, n: int, blocks: int, steps: int, configs: tuple[str, ...],
 
         def grab(train_function) -> None:
             functions[c] = train_function
-            if c == "b_noacc":  # before the first call traces the step
-                sie._buffer.accumulate = lambda *a, **k: None
-            if c in ("b_floor", "b_scatter"):
-                sie._buffer.accumulate = _floor_accumulate(sie._buffer, c == "b_scatter")
+            if c in overhead.DIAGNOSIS_CONFIGS:  # before the first call traces the step
+                sie._buffer.accumulate = overhead.diagnosis_accumulate(sie._buffer, c)
             if i + 1 < len(b_configs):
                 fit_b(i + 1)  # nested: every hook stays installed while we measure
             else:
                 loop()
 
-        try:
-            models[c].fit(dataset(x_ids, y, overhead.BATCH), steps_per_epoch=1, epochs=1,
-                          verbose=0, callbacks=[sie, _Measure(grab)])
-        except RuntimeError as e:
-            # b_noacc records nothing on purpose; the callback says so at epoch end.
-            if c not in ("b_noacc", "b_floor", "b_scatter") or "recorded nothing" not in str(e):
-                raise
+        models[c].fit(dataset(x_ids, y, overhead.BATCH), steps_per_epoch=1, epochs=1,
+                      verbose=0, callbacks=[sie, _Measure(grab)])
 
     if b_configs:
         fit_b(0)
