@@ -206,3 +206,27 @@ def test_aggregate_averages_the_first_epochs_by_default(first, tmp_path):
     assert_close_to_max(sie.aggregate, expected, rel=1e-6)
     assert_close_to_max(keras_sie.load(str(tmp_path)).aggregate, expected, rel=1e-6)
     assert not np.allclose(sie.aggregate, sie.importance)  # not just the last epoch
+
+
+def test_epoch_summary_values_and_no_blas_call(monkeypatch):
+    """The summary scalars against their definitions, computed without BLAS:
+    np.dot woke OpenBLAS's thread pool, whose spinning threads slowed the next
+    epoch's steps (benchmarks/README.md, "In a real fit")."""
+    from keras_sie import scores
+
+    def no_blas(*args, **kwargs):
+        raise AssertionError("the epoch summary must not call BLAS (np.dot)")
+
+    monkeypatch.setattr(np, "dot", no_blas)
+    importance = np.array([0.1, 0.2, 0.3, 0.4, 0.0], np.float32)
+    visits = np.array([1, 2, 1, 1, 0])
+    summary = scores.summarize(importance, visits)
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    assert summary["effective_sample_size"] == pytest.approx(1.0 / np.sum(p * p), rel=1e-6)
+    assert summary["entropy"] == pytest.approx(-np.sum(p * np.log(p)), rel=1e-6)
+    assert summary["top1pct_share"] == pytest.approx(0.4, rel=1e-6)
+    # Gini of sorted p: sum_i (2i - n - 1) p_i / (n sum p), i = 1..n
+    n = 4
+    expected = np.sum((2 * np.arange(1, n + 1) - n - 1) * np.sort(p)) / (n * p.sum())
+    assert summary["gini"] == pytest.approx(expected, rel=1e-6)
+    assert summary["visited_samples"] == 4 and summary["unvisited_samples"] == 1
