@@ -115,15 +115,18 @@ def create_file_writer(path: str):
     the process's writers, so two files opened in the same second can sort
     out of order (".10" before ".9"): a second `fit` would then be read before
     the first. When the folder holds a file from this very second, wait for
-    the next second (only sub-second fits ever wait).
+    the next second (only sub-second fits ever wait, at most one second; a
+    file stamped in the future, copied from another clock, is not waited for).
     """
-    newest = 0
+    now = int(time.time())
+    stamps = set()
     for name in glob.glob(os.path.join(path, "events.out.tfevents.*")):
         parts = os.path.basename(name).split(".")
         if len(parts) > 3 and parts[3].isdigit():
-            newest = max(newest, int(parts[3]))
-    while int(time.time()) <= newest:
-        time.sleep(0.05)
+            stamps.add(int(parts[3]))
+    if now in stamps:
+        while int(time.time()) == now:
+            time.sleep(0.05)
     with tf.device("/cpu:0"):
         return tf.summary.create_file_writer(path)
 

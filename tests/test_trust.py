@@ -160,6 +160,19 @@ def test_event_files_opened_in_one_second_are_read_in_order(tmp_path):
     assert len(glob.glob(str(run / "events.out.tfevents.*"))) == 2
 
 
+def test_an_event_file_stamped_in_the_future_does_not_hold_up_the_writer(tmp_path):
+    """A run folder copied from a machine whose clock is ahead: no waiting for it."""
+    import time
+
+    from keras_sie.summaries import create_file_writer
+
+    future = int(time.time()) + 3600
+    (tmp_path / f"events.out.tfevents.{future}.host.1.0.v2").write_bytes(b"")
+    start = time.monotonic()
+    create_file_writer(str(tmp_path)).close()
+    assert time.monotonic() - start < 1.5
+
+
 # -------------------------------------------------- 4: two callbacks, one model
 def test_two_sample_importance_callbacks_in_one_fit_are_refused_and_the_model_restored():
     x, y = linear_problem(n=24)
