@@ -30,6 +30,7 @@ _ON_READ = tf.VariableSynchronization.ON_READ
 # Per-epoch counters, in the order of the buffer's `counters` variable.
 _COUNTERS = ("steps", "skipped_steps", "invalid_rows", "nonfinite_rows", "dropped_rows",
              "group_steps")
+_COUNTER = {name: i for i, name in enumerate(_COUNTERS)}  # position in `counters`
 _NO_ID = np.iinfo(np.int64).min  # id_extremes before any id
 _SUM = tf.VariableAggregation.SUM
 
@@ -338,14 +339,18 @@ class ImportanceBuffer:
         bad = tf.reduce_sum(tf.cast(tf.stack(
             [unknown, tf.logical_and(known, tf.logical_not(finite))], axis=0), tf.int64), axis=1)
         # Unknown ids go to "invalid_rows" (index) or "dropped_rows" (hash: no room).
-        _scatter_add(self.counters, tf.constant([4, 3] if hash_mode else [2, 3]), bad)
-        constant = np.array([1, 0, 0, 0, 0, groups], np.int64)
+        unknown_counter = _COUNTER["dropped_rows" if hash_mode else "invalid_rows"]
+        _scatter_add(self.counters,
+                     tf.constant([unknown_counter, _COUNTER["nonfinite_rows"]]), bad)
+        constant = np.zeros(len(_COUNTERS), np.int64)
+        constant[_COUNTER["steps"]] = 1
+        constant[_COUNTER["group_steps"]] = groups
         if ok is None:
             _assign_add(self.counters, tf.constant(constant))
         else:
             skipped = tf.cast(tf.logical_not(ok), tf.int64)
-            _assign_add(self.counters, tf.constant(constant) + tf.one_hot(1, 6, skipped, 0,
-                                                                          dtype=tf.int64))
+            _assign_add(self.counters, tf.constant(constant) + tf.one_hot(
+                _COUNTER["skipped_steps"], len(_COUNTERS), skipped, 0, dtype=tf.int64))
         if not hash_mode:
             tf.raw_ops.ResourceScatterMax(
                 resource=self.id_extremes.handle, indices=tf.constant([0, 1], tf.int32),
