@@ -74,6 +74,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_sie
+from keras_sie import buffer as buffer_lib
 from keras_sie import scores as scores_lib
 from keras_sie import storage as storage_lib
 from keras_sie.summaries import SummaryWriter
@@ -207,8 +208,10 @@ def diagnosis_accumulate(buffer, kind: str):
     """
     def accumulate(ids, per_feature_rows, scale, *args, **kwargs):
         groups = len(per_feature_rows)
-        tf.raw_ops.AssignAddVariableOp(resource=buffer.counters.handle,
-                                       value=tf.constant([1, 0, 0, 0, 0, groups], tf.int64))
+        counts = np.zeros(len(buffer_lib._COUNTERS), np.int64)
+        counts[buffer_lib._COUNTER["steps"]] = 1
+        counts[buffer_lib._COUNTER["group_steps"]] = groups
+        tf.raw_ops.AssignAddVariableOp(resource=buffer.counters.handle, value=tf.constant(counts))
         if kind == "b_noacc":
             return
         total = tf.add_n([tf.cast(r, tf.float32) for r in per_feature_rows]) * scale

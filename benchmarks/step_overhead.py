@@ -84,7 +84,7 @@ class _Measure(keras.callbacks.Callback):
 
 
 def measure(key: str, n: int, blocks: int, steps: int, configs: tuple[str, ...],
-            log) -> dict:
+            log, jit_compile: bool = False) -> dict:
     title, make_data, build = overhead.MODELS[key]
     x, y = make_data(n)
     # Ids are attached in the original order, then the rows are permuted once
@@ -94,6 +94,9 @@ def measure(key: str, n: int, blocks: int, steps: int, configs: tuple[str, ...],
     perm = np.random.default_rng(1).permutation(n)
     x, x_ids, y = (tf.nest.map_structure(lambda v: v[perm], t) for t in (x, x_ids, y))
     models = {c: build(seed=7).model for c in configs}
+    if jit_compile:  # Keras's "auto" is off on a CPU-only machine
+        for m in models.values():
+            m.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy", jit_compile=True)
     iters = {c: iter(dataset(x_ids if c.startswith("b") else x, y, overhead.BATCH))
              for c in configs}
     functions: dict[str, Any] = {}
@@ -158,6 +161,7 @@ def measure(key: str, n: int, blocks: int, steps: int, configs: tuple[str, ...],
         "batch_size": overhead.BATCH,
         "blocks": blocks,
         "steps_per_block": steps,
+        "jit_compile": jit_compile,
         "configs": {c: LABEL[c] for c in configs},
         "seconds_per_step": step_s,
         "cpu": summarize(ratios(cpu)),
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=150, help="interleaved blocks per config")
     p.add_argument("--steps", type=int, default=20, help="train steps per block")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jit-compile", action="store_true",
+                   help="compile every model with jit_compile=True (XLA)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for key in args.models.split(","):
-        res["models"][key] = measure(key, args.num_samples, args.blocks, args.steps, configs, log)
+        res["models"][key] = measure(key, args.num_samples, args.blocks, args.steps, configs, log,
+                                     jit_compile=args.jit_compile)
         m = res["models"][key]
         log(f"{key}: " + "  ".join(
             f"{k} {v['median']:.3f} [{v['median_ci95'][0]:.3f}-{v['median_ci95'][1]:.3f}]"

@@ -28,9 +28,14 @@ MAX_FEATURE_GROUPS = 256
 
 _ON_READ = tf.VariableSynchronization.ON_READ
 # Per-epoch counters, in the order of the buffer's `counters` variable.
-_COUNTERS = ("steps", "skipped_steps", "invalid_rows", "nonfinite_rows", "dropped_rows",
-             "group_steps")
+# The first four count rows by class: counted, then one per dump row (see
+# `ImportanceBuffer.accumulate`), so a row's class is its dump row - (N - 1).
+_COUNTERS = ("counted_rows", "unknown_rows", "nonfinite_rows", "ignored_rows", "steps",
+             "skipped_steps", "group_steps")
 _COUNTER = {name: i for i, name in enumerate(_COUNTERS)}  # position in `counters`
+# Dump rows past the N samples of every per-sample variable: offsets from N.
+_UNKNOWN, _NONFINITE, _IGNORED = 0, 1, 2
+_DUMP_ROWS = 3
 _NO_ID = np.iinfo(np.int64).min  # id_extremes before any id
 _SUM = tf.VariableAggregation.SUM
 
@@ -135,10 +140,12 @@ class ImportanceBuffer:
         n = self.num_samples
         # Column 0: sum over visits of sum_j |g_ij|; column 1: visits (a float
         # count is exact below 2^24 visits of one sample in one epoch). One
-        # variable, so each step scatters once.
-        self.sums_visits = _replica_variable("sie_sums_visits", [n, 2], tf.float32)
+        # variable, so each step scatters once. Every per-sample variable has
+        # _DUMP_ROWS rows past the samples for rows that must not count.
+        rows = n + _DUMP_ROWS
+        self.sums_visits = _replica_variable("sie_sums_visits", [rows, 2], tf.float32)
         self.feature_sums = _replica_variable("sie_feature_sums", [MAX_FEATURE_GROUPS], tf.float32)
-        # Per-epoch counters, one variable updated once per step (see _COUNTERS).
+        # Per-epoch counters (see _COUNTERS): rows by class, steps, feature groups.
         self.counters = _replica_variable("sie_counters", [len(_COUNTERS)], tf.int64)
         # The largest id and minus the smallest id of the epoch, per replica (a
         # scatter-max): when ids fell outside 0..N-1, one of them is an example.
@@ -146,7 +153,7 @@ class ImportanceBuffer:
         # Per-output (task) sums of multi-output models: [num_samples, num_tasks].
         self.num_tasks = int(num_tasks)
         self.task_sums = (
-            _replica_variable("sie_task_sums", [n, self.num_tasks], tf.float32)
+            _replica_variable("sie_task_sums", [rows, self.num_tasks], tf.float32)
             if self.num_tasks else None
         )
         # Training-dynamics signals (keras_sie.signals). The float32 per-epoch
@@ -163,11 +170,11 @@ class ImportanceBuffer:
             name for name in ("loss", "el2n", "margin", "forgetting") if name in self.signals
         )
         if len(self.columns) > 2:
-            self.sums_visits = _replica_variable("sie_sums_visits", [n, len(self.columns)],
+            self.sums_visits = _replica_variable("sie_sums_visits", [rows, len(self.columns)],
                                                  tf.float32)
         self.confidence_sums = None
         if "confidence" in self.signals:
-            self.confidence_sums = _replica_variable("sie_confidence_sums", [n, 2], tf.float64)
+            self.confidence_sums = _replica_variable("sie_confidence_sums", [rows, 2], tf.float64)
         self.last_correct = None
         if "forgetting" in self.signals:
             self.last_correct = _first_replica_variable("sie_last_correct", [n + 1], tf.int32, -1)
@@ -201,7 +208,8 @@ class ImportanceBuffer:
     def nbytes(self) -> int:
         """Device bytes of the per-sample buffers (excluding a hash table)."""
         per_sample = 4 + 4 + 4 * self.num_tasks + sum(BYTES_PER_SAMPLE[s] for s in self.signals)
-        total = self.num_samples * per_sample + MAX_FEATURE_GROUPS * 4 + (len(_COUNTERS) + 2) * 8
+        total = ((self.num_samples + _DUMP_ROWS) * per_sample + MAX_FEATURE_GROUPS * 4
+                 + (len(_COUNTERS) + 2) * 8)
         if self.queries is not None:
             total += self.queries.nbytes + 8 * self.num_samples
         return total
@@ -289,14 +297,15 @@ class ImportanceBuffer:
         # Every op here runs on every step, so the default path (index ids, no
         # loss-scale optimizer, no signals) is kept to a few small ops
         # (benchmarks/step_overhead.py measures them against plain `fit`).
-        ok = None if step_ok is None else tf.reshape(step_ok, [])
+        # Rows that must not count go to dump rows past the samples, picked by
+        # index arithmetic (no selects, no masks on the scatter): _UNKNOWN (an
+        # id outside 0..N-1, or a hash key that found no room), _NONFINITE (a
+        # NaN/Inf gradient), _IGNORED (padding, a skipped step). One scatter of
+        # ones into `counters` at each row's class counts them all exactly.
+        n = self.num_samples
         slots = tf.cast(tf.reshape(ids, [-1]), tf.int64)
-        hash_mode = self.key_mapping == "hash"
-        if hash_mode:
-            known = slots >= 0
-        else:
-            # 0 <= id < N in one compare: a negative id is a huge unsigned one.
-            known = tf.bitcast(slots, tf.uint64) < tf.constant(self.num_samples, tf.uint64)
+        # An id outside 0..N-1 is >= N as an unsigned number (a negative one is huge).
+        unsigned = tf.minimum(tf.bitcast(slots, tf.uint64), tf.constant(n, tf.uint64))
         scale = tf.cast(scale, tf.float32)
         flat = [tf.cast(tf.reshape(r, [-1]), tf.float32) for r in per_feature_rows]
         rows = None  # [groups, B]: a concat of contiguous rows (a stack on axis 1
@@ -307,41 +316,35 @@ class ImportanceBuffer:
             total = tf.add_n(flat) * scale
             rows = tf.reshape(tf.concat(flat, axis=0), [groups, -1]) * scale
         finite = tf.math.is_finite(total)
-        valid = tf.logical_and(known, finite)
-        if ok is not None:
-            # A skipped step (loss-scale overflow) adds nothing and counts no NaN rows.
-            valid = tf.logical_and(valid, ok)
-            finite = tf.logical_or(finite, tf.logical_not(ok))
-        # Any in-range index will do for a row that adds nothing (weight 0);
-        # clipping avoids a broadcasting select (~15 us per step on CPU).
-        safe_slots = tf.clip_by_value(slots, tf.constant(0, tf.int64),
-                                      tf.constant(self.num_samples - 1, tf.int64))
-        weight = tf.cast(valid, tf.float32)
-        # multiply_no_nan: 0 where the weight is 0, even for a NaN/Inf row.
-        clean_total = tf.math.multiply_no_nan(total, weight)
-        columns = [clean_total, weight]
-        columns += self._signal_columns(safe_slots, valid, signal_rows or {}, correct)
-        _scatter_add(self.sums_visits, safe_slots, tf.stack(columns, axis=1))
+        # The larger dump row wins: ignored > non-finite > unknown id.
+        dump = tf.cast(tf.logical_not(finite), tf.uint64) * (n + _NONFINITE)
+        if padding:  # negative ids mark padding (ranked lists)
+            dump = tf.maximum(dump, tf.cast(slots < 0, tf.uint64) * (n + _IGNORED))
+        ok = None if step_ok is None else tf.reshape(step_ok, [])
+        if ok is not None:  # a skipped step (loss-scale overflow) adds nothing
+            dump = tf.maximum(dump, tf.cast(tf.logical_not(ok), tf.uint64) * (n + _IGNORED))
+        index = tf.bitcast(tf.maximum(unsigned, dump), tf.int64)
+        valid = index < n
+        # Each row's class (0 counted, else its dump row) into `counters`.
+        _scatter_add(self.counters, tf.maximum(index - (n - 1), 0), tf.ones_like(index))
+        # A dumped row's sum is never read, NaN or not: no mask on the scatter.
+        columns = [total, tf.ones_like(total)]
+        columns += self._signal_columns(index, valid, signal_rows or {}, correct)
+        _scatter_add(self.sums_visits, index, tf.stack(columns, axis=1))
+        weight = None
         if self.task_sums is not None and per_task_rows:
+            weight = tf.cast(valid, tf.float32)
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
             tasks = tf.math.multiply_no_nan(tasks * scale, weight[:, None])
-            _scatter_add(self.task_sums, safe_slots, tasks)
+            _scatter_add(self.task_sums, index, tasks)
+        # Per-group sums over the counted rows (multiply_no_nan: 0 for a NaN row).
+        weight = tf.cast(valid, tf.float32) if weight is None else weight
         if rows is None:
-            per_feature = tf.reshape(tf.reduce_sum(clean_total), [1])
+            per_feature = tf.reshape(tf.reduce_sum(tf.math.multiply_no_nan(total, weight)), [1])
         else:
             per_feature = tf.reduce_sum(tf.math.multiply_no_nan(rows, weight[None, :]), axis=1)
         _scatter_add(self.feature_sums, tf.range(groups), per_feature)
-        # Counters (see _COUNTERS): one int64 update per step; the constant part
-        # (steps, feature groups) folds at trace time.
-        unknown = tf.logical_not(known)
-        if padding:
-            unknown = tf.logical_and(unknown, slots >= 0)
-        bad = tf.reduce_sum(tf.cast(tf.stack(
-            [unknown, tf.logical_and(known, tf.logical_not(finite))], axis=0), tf.int64), axis=1)
-        # Unknown ids go to "invalid_rows" (index) or "dropped_rows" (hash: no room).
-        unknown_counter = _COUNTER["dropped_rows" if hash_mode else "invalid_rows"]
-        _scatter_add(self.counters,
-                     tf.constant([unknown_counter, _COUNTER["nonfinite_rows"]]), bad)
+        # The per-step constants (steps, feature groups) fold at trace time.
         constant = np.zeros(len(_COUNTERS), np.int64)
         constant[_COUNTER["steps"]] = 1
         constant[_COUNTER["group_steps"]] = groups
@@ -351,7 +354,7 @@ class ImportanceBuffer:
             skipped = tf.cast(tf.logical_not(ok), tf.int64)
             _assign_add(self.counters, tf.constant(constant) + tf.one_hot(
                 _COUNTER["skipped_steps"], len(_COUNTERS), skipped, 0, dtype=tf.int64))
-        if not hash_mode:
+        if self.key_mapping != "hash":
             tf.raw_ops.ResourceScatterMax(
                 resource=self.id_extremes.handle, indices=tf.constant([0, 1], tf.int32),
                 updates=tf.stack([tf.reduce_max(slots), -tf.reduce_min(slots)]),
@@ -437,20 +440,23 @@ class ImportanceBuffer:
             if k.dtype == object:
                 k = np.array([s.decode("utf-8", "replace") for s in k], dtype=str)
             keys = k
-        sums_visits = _read(self.sums_visits)
+        n = self.num_samples
+        sums_visits = _read(self.sums_visits)[:n]
         counters = dict(zip(_COUNTERS, (int(c) for c in _read(self.counters))))
+        unknown = counters["unknown_rows"]
+        hash_mode = self.key_mapping == "hash"
         steps = counters["steps"]
         replicas = self.strategy.num_replicas_in_sync
         return BufferSnapshot(
             sums=sums_visits[:, 0].astype(np.float32),
             visits=np.rint(sums_visits[:, 1]).astype(np.int64),
             feature_sums=_read(self.feature_sums).astype(np.float64),
-            invalid_rows=counters["invalid_rows"],
+            invalid_rows=0 if hash_mode else unknown,
             invalid_example=self._invalid_example(largest, smallest),
             nonfinite_rows=counters["nonfinite_rows"],
-            dropped_rows=counters["dropped_rows"],
+            dropped_rows=unknown if hash_mode else 0,
             keys=keys,
-            task_sums=_read(self.task_sums).astype(np.float32) if self.task_sums is not None
+            task_sums=_read(self.task_sums)[:n].astype(np.float32) if self.task_sums is not None
             else None,
             signal_sums=self._read_signals(sums_visits),
             queries=self.queries.read() if self.queries is not None else None,
@@ -474,6 +480,7 @@ class ImportanceBuffer:
                for k, name in enumerate(self.columns) if k >= 2}
         if self.confidence_sums is not None:
             confidence = _read(self.confidence_sums)
+            confidence = confidence[: self.num_samples]
             out["confidence"], out["confidence_sq"] = confidence[:, 0], confidence[:, 1]
         return out
 

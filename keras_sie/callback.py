@@ -745,9 +745,14 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 f"dispatches steps differently; keras_sie supports {self._supported()}). No "
                 "scores were saved."
             )
-        if snap.invalid_rows and self.on_invalid_id == "raise":
+        # The id extremes see every row, also one counted as non-finite (a NaN
+        # gradient wins over an unknown id), so they refuse bad ids on their own.
+        bad_ids = snap.invalid_rows or (not self._plan.list_size
+                                        and snap.invalid_example is not None)
+        if bad_ids and self.on_invalid_id == "raise":
             raise ValueError(
-                f"SampleImportance: {snap.invalid_rows} training rows had a sample id outside "
+                f"SampleImportance: {snap.invalid_rows or 'some'} training rows had a sample "
+                "id outside "
                 f"0..{self._plan.num_samples - 1} (e.g. id {snap.invalid_example}); the buffer "
                 f"holds num_samples={self._plan.num_samples}. Fix the ids, pass a larger "
                 "num_samples, use key_mapping='hash' for arbitrary keys, or "

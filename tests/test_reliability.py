@@ -75,6 +75,20 @@ def test_skip_mode_counts_skipped_rows_and_keeps_the_rest_exact(jit_compile, tmp
     assert float(value) == 2.0
 
 
+def test_an_unknown_id_on_a_row_with_a_nan_gradient_is_still_refused():
+    # The row counts as non-finite (that fault wins in the buffer), but the
+    # id extremes see every id, so the bad id is refused all the same.
+    x, y = linear_problem(n=40)
+    x[7] = np.nan
+    ids = np.arange(40, dtype="int64")
+    ids[7] = 1000
+    model = _dict_model()
+    sie = keras_sie.SampleImportance(num_samples=40, verbose=0)
+    with pytest.raises(ValueError, match=r"some training rows had a sample id outside "
+                                         r"0\.\.39 \(e\.g\. id 1000\)"):
+        model.fit(_ds(x, y, ids, batch=40), callbacks=[sie], verbose=0)
+
+
 def test_duplicate_ids_in_a_batch_are_all_counted():
     x, y = linear_problem(n=32)
     ids = np.arange(32, dtype="int64") % 8  # each id 4 times, within batches
@@ -384,10 +398,10 @@ def test_buffer_accumulation_matches_numpy_reference(n, batches):
         vals = np.array([b[1] if b[2] else np.nan for b in batch], dtype=np.float32)
         step(tf.constant(ids), tf.constant(vals))
         for i, v in zip(ids, vals):
-            if not 0 <= i < n:
-                invalid += 1
-            elif not np.isfinite(v):
+            if not np.isfinite(v):  # a NaN/Inf row counts as non-finite, whatever its id
                 nonfinite += 1
+            elif not 0 <= i < n:
+                invalid += 1
             else:
                 sums[i] += v
                 visits[i] += 1
