@@ -36,7 +36,10 @@ _COUNTER = {name: i for i, name in enumerate(_COUNTERS)}  # position in `counter
 # Dump rows past the N samples of every per-sample variable: offsets from N.
 _UNKNOWN, _NONFINITE, _IGNORED = 0, 1, 2
 _DUMP_ROWS = 3
-_NO_ID = np.iinfo(np.int64).min  # id_extremes before any id
+# `id_worst` holds max over rows of id XOR _SIGN: that order puts 0..N-1 first,
+# then ids >= N, then negative ids, so the maximum is an id outside 0..N-1 as
+# soon as one was seen. Its initial value decodes to id 0 (no bad id).
+_SIGN = np.iinfo(np.int64).min
 _SUM = tf.VariableAggregation.SUM
 
 
@@ -120,6 +123,11 @@ class ImportanceBuffer:
         key_mapping: `"index"` (ids are slots) or `"hash"` (arbitrary int64 or
             string keys mapped to slots as they arrive).
         key_dtype: `tf.int64` or `tf.string` for hash mode.
+        num_tasks: Outputs scored separately (multi-output models).
+        signals: Training-dynamics signals to record (`keras_sie.signals`).
+        ring: The buffer is a `StreamRing`'s, whose rows are zeroed at every
+            flush: it then adds up the per-group sums in the step even for a
+            single group (otherwise one group's sum is read off the rows).
     """
 
     def __init__(
@@ -129,10 +137,12 @@ class ImportanceBuffer:
         key_dtype=tf.int64,
         num_tasks: int = 0,
         signals: Sequence[str] = (),
+        ring: bool = False,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         self.num_samples = int(num_samples)
+        self.ring = bool(ring)
         self.key_mapping = key_mapping
         # The strategy whose scope created the variables: per-replica reads use it.
         self.strategy = tf.distribute.get_strategy()
@@ -147,9 +157,10 @@ class ImportanceBuffer:
         self.feature_sums = _replica_variable("sie_feature_sums", [MAX_FEATURE_GROUPS], tf.float32)
         # Per-epoch counters (see _COUNTERS): rows by class, steps, feature groups.
         self.counters = _replica_variable("sie_counters", [len(_COUNTERS)], tf.int64)
-        # The largest id and minus the smallest id of the epoch, per replica (a
-        # scatter-max): when ids fell outside 0..N-1, one of them is an example.
-        self.id_extremes = _replica_variable("sie_id_extremes", [2], tf.int64, _NO_ID)
+        # The epoch's "worst" id per replica (see _SIGN; one scatter-max of the
+        # batch): any id outside 0..N-1 makes it one, so it refuses bad ids
+        # even on rows counted as non-finite, and names one in the error.
+        self.id_worst = _replica_variable("sie_id_worst", [1], tf.int64, _SIGN)
         # Per-output (task) sums of multi-output models: [num_samples, num_tasks].
         self.num_tasks = int(num_tasks)
         self.task_sums = (
@@ -217,7 +228,7 @@ class ImportanceBuffer:
     @property
     def variables(self) -> list[tf.Variable]:
         """Every device variable of the buffer (for memory accounting and placement)."""
-        out = [self.sums_visits, self.feature_sums, self.counters, self.id_extremes]
+        out = [self.sums_visits, self.feature_sums, self.counters, self.id_worst]
         out += [v for v in (self.task_sums, self.last_correct, self.confidence_sums)
                 if v is not None]
         if self.queries is not None:
@@ -337,13 +348,18 @@ class ImportanceBuffer:
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
             tasks = tf.math.multiply_no_nan(tasks * scale, weight[:, None])
             _scatter_add(self.task_sums, index, tasks)
-        # Per-group sums over the counted rows (multiply_no_nan: 0 for a NaN row).
-        weight = tf.cast(valid, tf.float32) if weight is None else weight
-        if rows is None:
-            per_feature = tf.reshape(tf.reduce_sum(tf.math.multiply_no_nan(total, weight)), [1])
-        else:
-            per_feature = tf.reduce_sum(tf.math.multiply_no_nan(rows, weight[None, :]), axis=1)
-        _scatter_add(self.feature_sums, tf.range(groups), per_feature)
+        # Per-group sums over the counted rows (multiply_no_nan: 0 for a NaN
+        # row). A single group's sum is the sum of the rows: `read` takes it
+        # from them (a ring's rows are zeroed at each flush, so it adds it here).
+        if rows is not None or self.ring:
+            weight = tf.cast(valid, tf.float32) if weight is None else weight
+            if rows is None:
+                per_feature = tf.reshape(tf.reduce_sum(tf.math.multiply_no_nan(total, weight)),
+                                         [1])
+            else:
+                per_feature = tf.reduce_sum(tf.math.multiply_no_nan(rows, weight[None, :]),
+                                            axis=1)
+            _scatter_add(self.feature_sums, tf.range(groups), per_feature)
         # The per-step constants (steps, feature groups) fold at trace time.
         constant = np.zeros(len(_COUNTERS), np.int64)
         constant[_COUNTER["steps"]] = 1
@@ -355,10 +371,10 @@ class ImportanceBuffer:
             _assign_add(self.counters, tf.constant(constant) + tf.one_hot(
                 _COUNTER["skipped_steps"], len(_COUNTERS), skipped, 0, dtype=tf.int64))
         if self.key_mapping != "hash":
-            tf.raw_ops.ResourceScatterMax(
-                resource=self.id_extremes.handle, indices=tf.constant([0, 1], tf.int32),
-                updates=tf.stack([tf.reduce_max(slots), -tf.reduce_min(slots)]),
-            )
+            keyed = tf.where(slots < 0, tf.zeros_like(slots), slots) if padding else slots
+            tf.raw_ops.ResourceScatterMax(  # every row into element 0
+                resource=self.id_worst.handle, indices=tf.zeros_like(keyed),
+                updates=tf.bitwise.bitwise_xor(keyed, tf.constant(_SIGN, tf.int64)))
 
     def _signal_columns(self, slots, valid, signal_rows, correct) -> list[tf.Tensor]:
         """The signals' columns of this step's scatter (and the confidence and
@@ -423,14 +439,13 @@ class ImportanceBuffer:
                     self.confidence_sums):
             if var is not None:
                 var.assign(tf.zeros_like(var))
-        for v in _local_variables(self.id_extremes, self.strategy):
-            v.assign(tf.fill([2], tf.constant(_NO_ID, tf.int64)))
+        for v in _local_variables(self.id_worst, self.strategy):
+            v.assign(tf.fill([1], tf.constant(_SIGN, tf.int64)))
 
     def read(self) -> BufferSnapshot:
         """Reads everything once (sums the replicas)."""
-        local = _local_values(self.id_extremes, self.strategy)
-        largest = max(int(v[0]) for v in local)
-        smallest = -max(int(v[1]) for v in local) if largest != _NO_ID else None
+        worst = max(v[0] for v in _local_values(self.id_worst, self.strategy))
+        worst_id = int(np.int64(worst) ^ np.int64(_SIGN))
         keys = None
         if self.table is not None:
             k, v = self.table.export()
@@ -450,9 +465,9 @@ class ImportanceBuffer:
         return BufferSnapshot(
             sums=sums_visits[:, 0].astype(np.float32),
             visits=np.rint(sums_visits[:, 1]).astype(np.int64),
-            feature_sums=_read(self.feature_sums).astype(np.float64),
+            feature_sums=self._feature_sums(sums_visits, counters),
             invalid_rows=0 if hash_mode else unknown,
-            invalid_example=self._invalid_example(largest, smallest),
+            invalid_example=worst_id if not 0 <= worst_id < n else None,
             nonfinite_rows=counters["nonfinite_rows"],
             dropped_rows=unknown if hash_mode else 0,
             keys=keys,
@@ -467,13 +482,13 @@ class ImportanceBuffer:
             num_groups=counters["group_steps"] // steps if steps else 0,
         )
 
-    def _invalid_example(self, largest: int, smallest: int | None) -> int | None:
-        """An id outside 0..N-1 seen this epoch (the largest, else the smallest)."""
-        if largest != _NO_ID and largest >= self.num_samples:
-            return largest
-        if smallest is not None and smallest < 0:
-            return smallest
-        return None
+    def _feature_sums(self, sums_visits: np.ndarray, counters: dict) -> np.ndarray:
+        """float64 [MAX_FEATURE_GROUPS] per-group sums (see `accumulate`)."""
+        out = _read(self.feature_sums).astype(np.float64)
+        steps = counters["steps"]
+        if not self.ring and steps and counters["group_steps"] == steps:  # one group
+            out[0] = float(np.sum(sums_visits[:, 0], dtype=np.float64))
+        return out
 
     def _read_signals(self, sums_visits: np.ndarray) -> dict[str, np.ndarray]:
         out = {name: sums_visits[:, k].astype(np.int64 if name == "forgetting" else np.float32)
@@ -524,6 +539,8 @@ class StreamRing:
     """
 
     def __init__(self, buffer: ImportanceBuffer, sink):
+        if not buffer.ring:
+            raise ValueError("StreamRing needs a buffer made with ImportanceBuffer(..., ring=True).")
         self.buffer = buffer
         self.capacity = buffer.num_samples
         self.sink = sink

@@ -542,7 +542,7 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
     def _make_buffer(self, adapter, plan: inspection.FitPlan) -> ImportanceBuffer:
         if self.stream:  # the ring: one row per visit, positions as ids
             with adapter.strategy.scope():
-                return ImportanceBuffer(self.stream_capacity, "index")
+                return ImportanceBuffer(self.stream_capacity, "index", ring=True)
         with adapter.strategy.scope():
             buffer = ImportanceBuffer(
                 plan.num_samples, plan.mapping, plan.key_dtype, num_tasks=len(plan.task_names),

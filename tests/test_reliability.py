@@ -458,3 +458,32 @@ def test_a_crash_inside_fit_leaves_a_model_that_trains_as_plain_keras():
     reference.fit(x, y, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_feature_sums_leave_out_dumped_rows_and_survive_ring_flushes():
+    # One group: the sum is read off the rows; several groups, or a stream
+    # ring (zeroed at each flush): summed in the step. Either way, rows with a
+    # bad id or a NaN gradient are left out, and a ring keeps flushed rows.
+    from keras_sie.buffer import StreamRing
+
+    ids = tf.constant([0, 7, 2, -1, 2], tf.int64)
+    a = tf.constant([1.0, 2.0, np.nan, 4.0, 8.0])
+    b = tf.constant([16.0, 32.0, 1.0, 64.0, 128.0])
+    one = ImportanceBuffer(5)
+    one.accumulate(ids, [a], 2.0)
+    np.testing.assert_array_equal(one.read().feature_sums[:2], [18.0, 0.0])
+    two = ImportanceBuffer(5)
+    two.accumulate(ids, [a, b], 2.0)
+    # Row 2 is NaN in total, so both of its group values are left out.
+    np.testing.assert_array_equal(two.read().feature_sums[:3], [18.0, 288.0, 0.0])
+    with pytest.raises(ValueError, match="ring=True"):
+        StreamRing(ImportanceBuffer(5), sink=lambda *args: None)
+    flushed = []
+    ring = StreamRing(ImportanceBuffer(5, ring=True), sink=lambda *args: flushed.append(args))
+    (positions,) = ring.slots([tf.constant([10, 11], tf.int64)])
+    ring.buffer.accumulate(positions, [tf.constant([1.0, 2.0])], 1.0)
+    ring.flush()
+    (positions,) = ring.slots([tf.constant([12], tf.int64)])
+    ring.buffer.accumulate(positions, [tf.constant([4.0])], 1.0)
+    assert flushed[0][0].tolist() == [10, 11] and flushed[0][1].tolist() == [1.0, 2.0]
+    assert ring.buffer.read().feature_sums[0] == 7.0
