@@ -342,9 +342,8 @@ class ImportanceBuffer:
         columns = [total, tf.ones_like(total)]
         columns += self._signal_columns(index, valid, signal_rows or {}, correct)
         _scatter_add(self.sums_visits, index, tf.stack(columns, axis=1))
-        weight = None
+        weight = tf.cast(valid, tf.float32)  # pruned from the graph when unused
         if self.task_sums is not None and per_task_rows:
-            weight = tf.cast(valid, tf.float32)
             tasks = tf.stack([tf.cast(r, tf.float32) for r in per_task_rows], axis=1)
             tasks = tf.math.multiply_no_nan(tasks * scale, weight[:, None])
             _scatter_add(self.task_sums, index, tasks)
@@ -352,7 +351,6 @@ class ImportanceBuffer:
         # row). A single group's sum is the sum of the rows: `read` takes it
         # from them (a ring's rows are zeroed at each flush, so it adds it here).
         if rows is not None or self.ring:
-            weight = tf.cast(valid, tf.float32) if weight is None else weight
             if rows is None:
                 per_feature = tf.reshape(tf.reduce_sum(tf.math.multiply_no_nan(total, weight)),
                                          [1])
@@ -494,8 +492,7 @@ class ImportanceBuffer:
         out = {name: sums_visits[:, k].astype(np.int64 if name == "forgetting" else np.float32)
                for k, name in enumerate(self.columns) if k >= 2}
         if self.confidence_sums is not None:
-            confidence = _read(self.confidence_sums)
-            confidence = confidence[: self.num_samples]
+            confidence = _read(self.confidence_sums)[: self.num_samples]
             out["confidence"], out["confidence_sq"] = confidence[:, 0], confidence[:, 1]
         return out
 

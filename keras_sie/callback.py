@@ -745,8 +745,8 @@ class SampleImportance(keras.callbacks.Callback, Keras2CallbackCompat):
                 f"dispatches steps differently; keras_sie supports {self._supported()}). No "
                 "scores were saved."
             )
-        # The id extremes see every row, also one counted as non-finite (a NaN
-        # gradient wins over an unknown id), so they refuse bad ids on their own.
+        # The worst id sees every row, also one counted as non-finite (a NaN
+        # gradient wins over an unknown id), so it refuses bad ids on its own.
         bad_ids = snap.invalid_rows or (not self._plan.list_size
                                         and snap.invalid_example is not None)
         if bad_ids and self.on_invalid_id == "raise":

@@ -77,7 +77,7 @@ def test_skip_mode_counts_skipped_rows_and_keeps_the_rest_exact(jit_compile, tmp
 
 def test_an_unknown_id_on_a_row_with_a_nan_gradient_is_still_refused():
     # The row counts as non-finite (that fault wins in the buffer), but the
-    # id extremes see every id, so the bad id is refused all the same.
+    # buffer's worst id sees every id, so the bad id is refused all the same.
     x, y = linear_problem(n=40)
     x[7] = np.nan
     ids = np.arange(40, dtype="int64")
